@@ -1,0 +1,70 @@
+"""The NumPy (CPU) backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from netforge.backend.base import Backend
+
+
+def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    """Caffe's convolution output size: floor((size + 2p - (d(k-1)+1)) / s) + 1."""
+    return (size + 2 * p - (d * (k - 1) + 1)) // s + 1
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+    xp = np
+
+    def sliding_windows(self, x: np.ndarray, kh: int, kw: int, sh: int, sw: int,
+                        oh: int, ow: int, dh: int = 1, dw: int = 1) -> np.ndarray:
+        """A read-only (N, C, kh, kw, oh, ow) view of the windows of an (N, C, H, W) array."""
+        n, c = x.shape[:2]
+        s = x.strides
+        return as_strided(
+            x, (n, c, kh, kw, oh, ow),
+            (s[0], s[1], dh * s[2], dw * s[3], sh * s[2], sw * s[3]),
+            writeable=False,
+        )
+
+    def pad(self, x: np.ndarray, ph: int, pw: int, value: float = 0.0,
+            extra_h: int = 0, extra_w: int = 0) -> np.ndarray:
+        """x padded by ph/pw on every side (and extra rows/cols at the bottom/right)."""
+        if not (ph or pw or extra_h or extra_w):
+            return x
+        n, c, h, w = x.shape
+        out = np.full((n, c, h + 2 * ph + extra_h, w + 2 * pw + extra_w), value, dtype=x.dtype)
+        out[:, :, ph:ph + h, pw:pw + w] = x
+        return out
+
+    def im2col(self, x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+               dh: int, dw: int) -> np.ndarray:
+        """(N, C, H, W) -> columns (N, C*kh*kw, oh*ow), rows ordered (c, i, j) like Caffe."""
+        n, c, h, w = x.shape
+        oh = conv_out_size(h, kh, sh, ph, dh)
+        ow = conv_out_size(w, kw, sw, pw, dw)
+        win = self.sliding_windows(self.pad(x, ph, pw), kh, kw, sh, sw, oh, ow, dh, dw)
+        return np.ascontiguousarray(win).reshape(n, c * kh * kw, oh * ow)
+
+    def col2im(self, col: np.ndarray, shape: tuple[int, ...], kh: int, kw: int, sh: int,
+               sw: int, ph: int, pw: int, dh: int, dw: int) -> np.ndarray:
+        """The adjoint of im2col: sums each column entry back into the pixel it came from."""
+        n, c, h, w = shape
+        oh = conv_out_size(h, kh, sh, ph, dh)
+        ow = conv_out_size(w, kw, sw, pw, dw)
+        cols = col.reshape(n, c, kh, kw, oh, ow)
+        out = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=col.dtype)
+        for i in range(kh):
+            hi = i * dh
+            for j in range(kw):
+                wj = j * dw
+                out[:, :, hi:hi + sh * (oh - 1) + 1:sh, wj:wj + sw * (ow - 1) + 1:sw] += cols[:, :, i, j]
+        return out[:, :, ph:ph + h, pw:pw + w] if (ph or pw) else out
+
+    def scatter_add(self, target: np.ndarray, flat_index: Any, values: Any) -> None:
+        """target.flat[flat_index] += values, summing repeated indices."""
+        target += np.bincount(flat_index.ravel(), weights=values.ravel(),
+                              minlength=target.size).reshape(target.shape).astype(target.dtype)

@@ -1,0 +1,135 @@
+"""The layer contract (Caffe's): setup, reshape, forward, backward; plus the type registry.
+
+A layer is one class registered under its Caffe type name. It declares how many bottoms and
+tops it takes; the net checks those declarations centrally so every layer reports count errors
+the same way. Layers compute only through ``self.xp`` (the backend's array module) and the
+backend's kernels, and never open files or read the CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from netforge.backend.base import Backend
+from netforge.blob import Blob
+from netforge.errors import NetforgeError
+from netforge.proto import pb
+
+PHASE_TRAIN = pb.TRAIN
+PHASE_TEST = pb.TEST
+
+
+class LayerError(NetforgeError):
+    """A layer refused its bottoms or parameters; the net adds the layer's name and location."""
+
+    exit_code = 2
+
+
+@dataclass
+class LayerContext:
+    """What a layer may know of the world: the backend, the phase, the RNG, and a way to find
+    data sources named in its parameters (relative paths resolve like the net file's)."""
+
+    backend: Backend
+    phase: int = PHASE_TEST
+    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng())
+    resolve_path: Callable[[str], str] = field(default=lambda p: p)
+
+
+REGISTRY: dict[str, type[Layer]] = {}
+
+
+def register(cls: type[Layer]) -> type[Layer]:
+    """Class decorator: make ``cls`` buildable under its ``type`` name."""
+    if cls.type in REGISTRY:
+        raise RuntimeError(f"layer type {cls.type!r} registered twice")
+    REGISTRY[cls.type] = cls
+    return cls
+
+
+class Layer:
+    """Base class. Subclasses set ``type`` and the count declarations, and implement
+    ``setup`` (read params, create ``self.blobs``), ``reshape``, ``forward`` and ``backward``.
+
+    Param gradients are *accumulated* into ``blob.diff`` (the solver zeroes them each
+    iteration), which makes shared params and iter_size work; bottom gradients are written.
+    """
+
+    type: ClassVar[str] = ""
+    exact_bottoms: ClassVar[int | None] = None
+    min_bottoms: ClassVar[int | None] = None
+    max_bottoms: ClassVar[int | None] = None
+    exact_tops: ClassVar[int | None] = None
+    min_tops: ClassVar[int | None] = None
+    max_tops: ClassVar[int | None] = None
+    equal_bottom_top: ClassVar[bool] = False
+    # Loss layers: loss_weight defaults to 1 on top 0, tops are created when omitted, and
+    # force_backward never reaches the labels (bottom 1).
+    is_loss: ClassVar[bool] = False
+    auto_top_blobs: ClassVar[bool] = False
+    # Layers without a backward (data, accuracy): the net never asks them for gradients.
+    has_backward: ClassVar[bool] = True
+
+    def __init__(self, param: pb.LayerParameter, ctx: LayerContext):
+        self.param = param
+        self.name = param.name
+        self.ctx = ctx
+        self.backend = ctx.backend
+        self.xp: Any = ctx.backend.xp
+        self.phase = param.phase if param.HasField("phase") else ctx.phase
+        self.blobs: list[Blob] = []
+
+    # -- the life cycle ---------------------------------------------------------------------------
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        """One-time setup: read ``self.param``, create learnable ``self.blobs``."""
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        raise NotImplementedError
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        raise NotImplementedError
+
+    def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
+                 bottom: Sequence[Blob]) -> None:
+        if any(propagate_down):
+            raise LayerError(f"{self.type} layers have no backward")
+
+    def allow_force_backward(self, bottom_index: int) -> bool:
+        return not (self.is_loss and bottom_index == 1)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def make_blob(self, shape: Sequence[int], name: str = "") -> Blob:
+        return Blob(self.backend, tuple(int(s) for s in shape), name or self.name)
+
+    def check_counts(self, n_bottom: int, n_top: int) -> str | None:
+        """None when the counts fit the declarations, else the complaint."""
+        def rule(n: int, exact: int | None, lo: int | None, hi: int | None, what: str) -> str | None:
+            if exact is not None and n != exact:
+                return f"takes exactly {exact} {what} blob(s), got {n}"
+            if lo is not None and n < lo:
+                return f"takes at least {lo} {what} blob(s), got {n}"
+            if hi is not None and n > hi:
+                return f"takes at most {hi} {what} blob(s), got {n}"
+            return None
+
+        msg = rule(n_bottom, self.exact_bottoms, self.min_bottoms, self.max_bottoms, "bottom")
+        msg = msg or rule(n_top, self.exact_tops, self.min_tops, self.max_tops, "top")
+        if msg is None and self.equal_bottom_top and n_bottom != n_top:
+            msg = f"needs as many tops as bottoms, got {n_bottom} bottom(s) and {n_top} top(s)"
+        return msg
+
+    def min_top_count(self) -> int:
+        """How many tops to create when the config names fewer (AutoTopBlobs)."""
+        return self.exact_tops or self.min_tops or 0
+
+
+def fail(message: str) -> LayerError:
+    return LayerError(message)
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
