@@ -222,12 +222,15 @@ class _Yaml:
                 raise ConfigError(f"field '{key}' is given twice", self.where(key_node))
             seen.add(key)
             fpath = (*path, key)
-            self.smap.positions[fpath] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            mark = key_node.start_mark
+            self.smap.positions[fpath] = (mark.line + 1, mark.column + 1)
             if fd.is_repeated:
-                items = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                is_seq = isinstance(value_node, yaml.SequenceNode)
+                items = value_node.value if is_seq else [value_node]
                 for i, item in enumerate(items):
                     ipath = (*fpath, i)
-                    self.smap.positions[ipath] = (item.start_mark.line + 1, item.start_mark.column + 1)
+                    imark = item.start_mark
+                    self.smap.positions[ipath] = (imark.line + 1, imark.column + 1)
                     if fd.type == FieldDescriptor.TYPE_MESSAGE:
                         self.fill(item, getattr(msg, key).add(), ipath)
                     else:
@@ -262,7 +265,8 @@ class _Yaml:
                 if value not in enum.values_by_number:
                     raise ConfigError(f"{value} is not a value of {enum.name}", self.where(node))
                 return value
-            raise ConfigError(f"{name} must be one of {', '.join(enum.values_by_name)}", self.where(node))
+            raise ConfigError(f"{name} must be one of {', '.join(enum.values_by_name)}",
+                              self.where(node))
         if t == FieldDescriptor.TYPE_BOOL:
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r}", self.where(node))

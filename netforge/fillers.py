@@ -73,4 +73,6 @@ def fill(param: pb.FillerParameter | None, shape: Sequence[int], rng: np.random.
     return out.astype(dtype, copy=False)
 
 
-FILLER_TYPES = ("constant", "uniform", "gaussian", "positive_unitball", "xavier", "msra", "bilinear")
+FILLER_TYPES = (
+    "constant", "uniform", "gaussian", "positive_unitball", "xavier", "msra", "bilinear",
+)

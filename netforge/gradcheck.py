@@ -104,7 +104,8 @@ class GradientChecker:
                 result.max_rel = max(result.max_rel, err / scale)
                 if err > self.threshold * scale:
                     result.failures.append(
-                        f"{layer.name or layer.type}: {what} element {k} (top {top_id}:{top_index}): "
+                        f"{layer.name or layer.type}: {what} element {k} "
+                        f"(top {top_id}:{top_index}): "
                         f"analytic {a:.6g} vs numeric {numeric:.6g}"
                     )
         return result
@@ -126,7 +127,8 @@ class GradientChecker:
                 self.check_single(layer, bottom, top, check_bottom, i, k, result)
         return result
 
-    def check_eltwise(self, layer: Layer, bottom: Sequence[Blob], top: Sequence[Blob]) -> GradResult:
+    def check_eltwise(self, layer: Layer, bottom: Sequence[Blob],
+                      top: Sequence[Blob]) -> GradResult:
         """CheckGradientEltwise: for elementwise layers, element k of top depends only on
         element k of the bottom, so each top element is checked against its own input."""
         layer.setup(bottom, top)

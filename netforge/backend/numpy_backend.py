@@ -61,7 +61,8 @@ class NumpyBackend(Backend):
             hi = i * dh
             for j in range(kw):
                 wj = j * dw
-                out[:, :, hi:hi + sh * (oh - 1) + 1:sh, wj:wj + sw * (ow - 1) + 1:sw] += cols[:, :, i, j]
+                out[:, :, hi:hi + sh * (oh - 1) + 1:sh,
+                    wj:wj + sw * (ow - 1) + 1:sw] += cols[:, :, i, j]
         return out[:, :, ph:ph + h, pw:pw + w] if (ph or pw) else out
 
     def scatter_add(self, target: np.ndarray, flat_index: Any, values: Any) -> None:

@@ -107,7 +107,8 @@ class Layer:
 
     def check_counts(self, n_bottom: int, n_top: int) -> str | None:
         """None when the counts fit the declarations, else the complaint."""
-        def rule(n: int, exact: int | None, lo: int | None, hi: int | None, what: str) -> str | None:
+        def rule(n: int, exact: int | None, lo: int | None, hi: int | None,
+                 what: str) -> str | None:
             if exact is not None and n != exact:
                 return f"takes exactly {exact} {what} blob(s), got {n}"
             if lo is not None and n < lo:

