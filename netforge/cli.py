@@ -50,6 +50,9 @@ def cli() -> None:
               help="Fine-tune from these weights (.npz; comma-separated for several).")
 @click.option("--level", default=0, show_default=True, help="NetState level of the train net.")
 @click.option("--stage", default="", help="Comma-separated NetState stages of the train net.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a solver field, e.g. --set max_iter=1000 --set base_lr=0.001 "
+                   "(repeatable; checked against the schema).")
 @click.option("--log", "log_file", default=None, type=click.Path(dir_okay=False),
               help="Log file (default: <snapshot_prefix>_<time>.log).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
@@ -59,28 +62,31 @@ def cli() -> None:
 @click.option("--sighup-effect", type=click.Choice(SIGNAL_EFFECTS), default="snapshot",
               show_default=True, help="What SIGHUP does.")
 def train(solver_path: str, resume: str | None, weights: str | None, level: int, stage: str,
-          log_file: str | None, progress: bool, sigint_effect: str, sighup_effect: str) -> None:
+          overrides: tuple[str, ...], log_file: str | None, progress: bool, sigint_effect: str,
+          sighup_effect: str) -> None:
     """Train a net as a solver file describes (Caffe's `caffe train`)."""
-    from netforge.config import load_solver_param
+    from netforge.config import apply_overrides, load_solver_param
     from netforge.solver import Solver, snapshot_prefix
 
     if resume and weights:
         raise ConfigError("give either --snapshot (resume) or --weights (fine-tune), not both")
-    sp, _ = load_solver_param(solver_path)
+    sp, source = load_solver_param(solver_path)
+    changes = apply_overrides(sp, overrides)
     prefix = snapshot_prefix(sp, Path(solver_path))
     if log_file is None:
         log_file = f"{prefix}_{datetime.now():%Y%m%d-%H%M%S}.log"
     nflog.configure(log_file)
     log.info("Logging to %s", log_file)
     log.info("Use %s.", "GPU" if sp.solver_mode == sp.GPU else "CPU")
-    solver = Solver(solver_path, level=level, stages=_stages(stage),
+    for key, old, new in changes:
+        log.info("Override: %s = %s (was %s)", key, new, old)
+    solver = Solver(sp, source=source, path=solver_path, level=level, stages=_stages(stage),
                     weights=weights.split(",") if weights else None)
     bar = _progress_bar(solver, progress)
     restore = _install_signals(solver, sigint_effect, sighup_effect)
     try:
         log.info("Starting Optimization")
         solver.solve(resume)
-        log.info("Optimization Done.")
     finally:
         restore()
         if bar is not None:

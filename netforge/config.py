@@ -384,3 +384,63 @@ def _to_plain(message: Message) -> dict[str, Any]:
 
         out[fd.name] = [conv(v) for v in value] if fd.is_repeated else conv(value)
     return out
+
+
+def apply_overrides(message: Message, items: list[str] | tuple[str, ...],
+                    origin: str = "--set") -> list[tuple[str, str, str]]:
+    """Apply ``key.path=value`` overrides (typed and checked by the schema, like YAML).
+
+    A scalar replaces the value, a repeated field is replaced as a whole (``test_iter=[10]`` or
+    ``test_iter=10``). Returns (key, old, new) for each override so callers can log them.
+    """
+    changes = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        where = f"{origin} {item}"
+        if not sep or not key:
+            raise ConfigError("an override must look like key=value (e.g. max_iter=1000)", where)
+        parts = key.split(".")
+        target: Any = message
+        for k, part in enumerate(parts):
+            fd = target.DESCRIPTOR.fields_by_name.get(part)
+            if fd is None:
+                at = ".".join(parts[:k]) or target.DESCRIPTOR.name
+                raise ConfigError(f"unknown field '{part}' in {target.DESCRIPTOR.name} (at {at})",
+                                  where, did_you_mean(part, target.DESCRIPTOR.fields_by_name))
+            if k < len(parts) - 1:
+                if fd.type != FieldDescriptor.TYPE_MESSAGE or fd.is_repeated:
+                    raise ConfigError(f"'{'.'.join(parts[:k + 1])}' is not a single message; "
+                                      "only its own value can be overridden", where)
+                target = getattr(target, part)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        doc: Any = value
+        for part in reversed(parts):
+            doc = {part: doc}
+        update = type(message)()
+        try:
+            parse_yaml(yaml.safe_dump(doc), update, where)
+        except ConfigError as e:
+            raise ConfigError(e.message, where, e.hint) from None
+        old = _field_text(target, parts[-1])
+        target.ClearField(parts[-1])
+        message.MergeFrom(update)
+        changes.append((key, old, _field_text(target, parts[-1])))
+    return changes
+
+
+def _field_text(msg: Message, name: str) -> str:
+    fd = msg.DESCRIPTOR.fields_by_name[name]
+    value = getattr(msg, name)
+    if fd.is_repeated:
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+        return "{" + text_format.MessageToString(value, as_one_line=True) + "}"
+    if fd.type == FieldDescriptor.TYPE_ENUM:
+        return fd.enum_type.values_by_number[value].name
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)

@@ -244,7 +244,7 @@ class Net:
 
     def _info(self, msg: str, *args: Any) -> None:
         if self.verbose:
-            log.info(msg, *args)
+            log.info(msg, *args, stacklevel=2)
 
     def resolve_path(self, p: str) -> str:
         """Data sources: as given (relative to the working directory, like Caffe), else
@@ -428,8 +428,9 @@ class Net:
                                   "bottom", None)
             need = any(need_blob.get(b, False) for b in self.bottom_names[i])
             need = need or any(layer.param_propagate_down)  # type: ignore[attr-defined]
-            bottom_need = [need_blob.get(b, False) and (not lp.propagate_down or
-                                                        lp.propagate_down[j])
+            # An explicit propagate_down overrides the blob's own need (Caffe's AppendBottom).
+            bottom_need = [bool(lp.propagate_down[j]) if lp.propagate_down
+                           else need_blob.get(b, False)
                            for j, b in enumerate(self.bottom_names[i])]
             if not layer.has_backward:
                 need = False

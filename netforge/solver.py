@@ -21,7 +21,7 @@ from google.protobuf import text_format
 
 from netforge.backend import get_backend
 from netforge.backend.base import Backend
-from netforge.config import SourceMap, load_net_param, load_solver_param
+from netforge.config import SourceMap, apply_overrides, load_net_param, load_solver_param
 from netforge.errors import ConfigError, did_you_mean
 from netforge.log import fmt
 from netforge.net import Net, ParamInfo
@@ -142,14 +142,17 @@ class Solver:
     def __init__(self, solver: str | os.PathLike[str] | pb.SolverParameter, *,
                  backend: Backend | None = None, level: int = 0,
                  stages: tuple[str, ...] = (), weights: list[str] | None = None,
-                 source: SourceMap | None = None, verbose: bool = True):
+                 overrides: tuple[str, ...] | list[str] = (), source: SourceMap | None = None,
+                 path: str | os.PathLike[str] | None = None, verbose: bool = True):
         if isinstance(solver, pb.SolverParameter):
             self.param, self.source = solver, source
-            self.path: Path | None = None
+            self.path: Path | None = Path(path) if path is not None else None
         else:
             self.param, self.source = load_solver_param(solver)
             self.path = Path(solver)
         sp = self.param
+        for key, old, new in apply_overrides(sp, list(overrides)):
+            log.info("Override: %s = %s (was %s)", key, new, old)
         self.type = validate(sp, self.source)
         log.info("Initializing solver from parameters: %s",
                  text_format.MessageToString(sp, as_one_line=True))

@@ -1,0 +1,386 @@
+"""Net semantics (Caffe's net.cpp and insert_splits.cpp): filtering, Split insertion and naming,
+in-place tops, outputs, loss weights, need-backward, param sharing and located build errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from netforge import Net
+from netforge.backend import NumpyBackend
+from netforge.config import load_net_param
+from netforge.errors import ConfigError
+from netforge.net import insert_splits
+from netforge.proto import pb
+from tests.conftest import ROOT
+
+FIXTURES = ROOT / "tests" / "fixtures" / "caffe"
+
+
+def net_param(text: str) -> pb.NetParameter:
+    p = pb.NetParameter()
+    text_format.Parse(text, p)
+    return p
+
+
+def build(text: str, phase: str = "TRAIN", **kw) -> Net:
+    return Net(net_param(text), phase, verbose=False, **kw)
+
+
+# -- LeNet ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["models/lenet_train_test.yaml",
+                                   "models/lenet_train_test.prototxt"])
+def test_lenet_test_net_splits_and_outputs(workspace: Path, model: str) -> None:
+    net = Net(model, "TEST", verbose=False)
+    try:
+        assert net.layer_names == [
+            "mnist", "label_mnist_1_split", "conv1", "pool1", "conv2", "pool2", "ip1", "relu1",
+            "ip2", "ip2_ip2_0_split", "accuracy", "loss"]
+        split = net.layer_by_name["label_mnist_1_split"]
+        assert net.top_names[split] == ["label_mnist_1_split_0", "label_mnist_1_split_1"]
+        assert net.bottom_names[net.layer_by_name["accuracy"]] == [
+            "ip2_ip2_0_split_0", "label_mnist_1_split_0"]
+        assert net.bottom_names[net.layer_by_name["loss"]] == [
+            "ip2_ip2_0_split_1", "label_mnist_1_split_1"]
+        assert net.outputs == ["accuracy", "loss"]
+        out = net.forward()
+        assert list(out) == ["accuracy", "loss"]
+        assert net.blobs["data"].shape == (100, 1, 28, 28)
+        assert 0.0 <= float(out["accuracy"]) <= 1.0
+        assert net.loss == pytest.approx(float(out["loss"]))
+        # An untrained 10-class softmax starts near log(10).
+        assert 1.5 < net.loss < 3.5
+    finally:
+        net.close()
+
+
+def test_lenet_train_net_has_no_splits_and_in_place_relu(workspace: Path) -> None:
+    net = Net("models/lenet_train_test.yaml", "TRAIN", verbose=False)
+    try:
+        assert "Split" not in [lp.type for lp in net.layer_params]
+        assert net.outputs == ["loss"]
+        relu = net.layer_by_name["relu1"]
+        assert net.top_vecs[relu][0] is net.bottom_vecs[relu][0] is net.blobs["ip1"]
+        assert [n for n in net.params] == ["conv1", "conv2", "ip1", "ip2"]
+        assert [b.shape for b in net.params["conv1"]] == [(20, 1, 5, 5), (20,)]
+        assert [b.shape for b in net.params["ip1"]] == [(500, 800), (500,)]
+        assert [(p.layer, p.lr_mult) for p in net.learnable_params][:2] == [
+            ("conv1", 1.0), ("conv1", 2.0)]
+        # need-backward: the data layer never; the label input of the loss never.
+        assert net.layer_need_backward == [False, True, True, True, True, True, True, True, True]
+        loss = net.layer_by_name["loss"]
+        assert net.bottom_need_backward[loss] == [True, False]
+        assert net.bottom_need_backward[net.layer_by_name["conv1"]] == [False]
+    finally:
+        net.close()
+
+
+def test_yaml_and_prototxt_are_the_same_net() -> None:
+    a, _ = load_net_param(ROOT / "models" / "lenet_train_test.yaml")
+    b, _ = load_net_param(ROOT / "models" / "lenet_train_test.prototxt")
+    assert a == b
+
+
+def test_upstream_caffe_lenet_loads_unchanged(workspace: Path) -> None:
+    """Caffe's own example file: only its data paths point elsewhere."""
+    param, _ = load_net_param(FIXTURES / "lenet_train_test.prototxt")
+    ours, _ = load_net_param("models/lenet_train_test.prototxt")
+    for layer in param.layer:
+        if layer.type == "Data":
+            layer.data_param.source = layer.data_param.source.replace("examples/", "data/")
+    assert param == ours
+    net = Net(param, "TEST", verbose=False)
+    net.forward()
+    net.close()
+
+
+def test_upstream_deploy_lenet_with_input_layer() -> None:
+    net = Net(FIXTURES / "lenet.prototxt", "TEST", verbose=False)
+    assert net.inputs == ["data"]
+    assert net.outputs == ["prob"]
+    x = np.random.default_rng(0).random((64, 1, 28, 28))
+    prob = net.forward(data=x)["prob"]
+    assert prob.shape == (64, 10)
+    np.testing.assert_allclose(prob.sum(axis=1), 1.0, rtol=1e-5)
+
+
+# -- filtering ------------------------------------------------------------------------------------
+
+STAGED = """
+name: "staged"
+layer { name: "in" type: "DummyData" top: "x" top: "y"
+        dummy_data_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "x" bottom: "y" top: "loss"
+        include { phase: TRAIN } include { phase: TEST stage: "with-softmax" } }
+layer { name: "acc" type: "EuclideanLoss" bottom: "x" bottom: "y" top: "acc"
+        exclude { phase: TRAIN } }
+layer { name: "deep" type: "EuclideanLoss" bottom: "x" bottom: "y" top: "deep"
+        include { min_level: 2 } }
+layer { name: "shallow" type: "EuclideanLoss" bottom: "x" bottom: "y" top: "shallow"
+        include { max_level: 0 not_stage: "quiet" } }
+"""
+
+
+def names(net: Net) -> list[str]:
+    return [n for n in net.layer_names if not n.endswith("_split")]
+
+
+def test_include_exclude_rules_as_caffe_test_solver() -> None:
+    assert names(build(STAGED, "TRAIN")) == ["in", "loss", "shallow"]
+    assert names(build(STAGED, "TEST", stages=["with-softmax"])) == [
+        "in", "loss", "acc", "shallow"]
+    assert names(build(STAGED, "TEST")) == ["in", "acc", "shallow"]
+    assert names(build(STAGED, "TEST", level=2)) == ["in", "acc", "deep"]
+    assert names(build(STAGED, "TEST", stages=["quiet"])) == ["in", "acc"]
+
+
+def test_include_and_exclude_together_is_an_error() -> None:
+    text = STAGED.replace('exclude { phase: TRAIN }', 'exclude { phase: TRAIN } include {}')
+    with pytest.raises(ConfigError, match="both include and exclude"):
+        build(text)
+
+
+# -- splits and loss weights ----------------------------------------------------------------------
+
+SPLIT = """
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+        dummy_data_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 } } }
+layer { name: "a" type: "EuclideanLoss" bottom: "data" bottom: "label" top: "a" }
+layer { name: "b" type: "EuclideanLoss" bottom: "data" bottom: "label" top: "b" }
+"""
+
+
+def test_split_naming_as_caffe_test_split_layer() -> None:
+    net = build(SPLIT)
+    assert net.layer_names == ["data", "data_data_0_split", "label_data_1_split", "a", "b"]
+    assert net.top_names[1] == ["data_data_0_split_0", "data_data_0_split_1"]
+    assert net.top_names[2] == ["label_data_1_split_0", "label_data_1_split_1"]
+    assert net.bottom_names[3] == ["data_data_0_split_0", "label_data_1_split_0"]
+    assert net.bottom_names[4] == ["data_data_0_split_1", "label_data_1_split_1"]
+
+
+def test_split_of_a_top_with_loss_weight() -> None:
+    text = """
+    layer { name: "data" type: "DummyData" top: "data"
+            dummy_data_param { shape { dim: 2 dim: 3 } data_filler { type: "gaussian" } } }
+    layer { name: "innerproduct1" type: "InnerProduct" bottom: "data" top: "innerproduct1"
+            loss_weight: 2.5 inner_product_param { num_output: 4
+            weight_filler { type: "gaussian" } } }
+    layer { name: "innerproduct2" type: "InnerProduct" bottom: "innerproduct1" top: "ip2"
+            inner_product_param { num_output: 1 } }
+    """
+    param = net_param(text)
+    layers = insert_splits(list(enumerate(param.layer)))
+    split = layers[2][1]
+    assert split.name == "innerproduct1_innerproduct1_0_split"
+    assert list(split.loss_weight) == [2.5, 0.0]
+    assert list(layers[1][1].loss_weight) == [0.0]
+    net = build(text)
+    net.forward()
+    expected = 2.5 * float(net.blobs["innerproduct1"].data.sum())
+    assert net.loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_loss_is_weighted_sum_and_loss_weight_defaults() -> None:
+    text = """
+    layer { name: "data" type: "DummyData" top: "x" top: "y" top: "z"
+            dummy_data_param { shape { dim: 4 dim: 3 } data_filler { type: "gaussian" } } }
+    layer { name: "l1" type: "EuclideanLoss" bottom: "x" bottom: "y" top: "l1" }
+    layer { name: "l2" type: "EuclideanLoss" bottom: "x" bottom: "z" top: "l2" loss_weight: 3 }
+    layer { name: "l3" type: "EuclideanLoss" bottom: "y" bottom: "z" top: "l3" loss_weight: 0 }
+    """
+    net = build(text)
+    out = net.forward()
+    assert net.loss_weights[-3:] == [[1.0], [3.0], [0.0]]
+    assert net.output_weight("l2") == 3.0
+    assert net.loss == pytest.approx(float(out["l1"]) + 3 * float(out["l2"]), rel=1e-6)
+    # l3 has weight 0: nothing under it needs backward.
+    assert net.layer_need_backward[-1] is False
+
+
+def test_loss_layer_without_top_gets_anonymous_top() -> None:
+    text = """
+    layer { name: "data" type: "DummyData" top: "x" top: "y"
+            dummy_data_param { shape { dim: 4 dim: 3 } data_filler { type: "gaussian" } } }
+    layer { name: "loss" type: "EuclideanLoss" bottom: "x" bottom: "y" }
+    """
+    net = build(text)
+    net.forward()
+    assert net.outputs == []
+    x, y = net.blobs["x"].data, net.blobs["y"].data
+    assert net.loss == pytest.approx(float(((x - y) ** 2).sum() / 8), rel=1e-5)
+
+
+# -- need backward --------------------------------------------------------------------------------
+
+FROZEN = """
+force_backward: %s
+layer { name: "input" type: "Input" top: "x" top: "y"
+        input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 4 } } }
+layer { name: "ip" type: "InnerProduct" bottom: "x" top: "h"
+        param { lr_mult: 0 } param { lr_mult: 0 }
+        inner_product_param { num_output: 4 weight_filler { type: "gaussian" } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "h" bottom: "y" top: "loss" }
+"""
+
+
+def test_frozen_layers_need_no_backward_unless_forced() -> None:
+    net = build(FROZEN % "false")
+    # Nothing below the loss learns or needs a gradient, so nothing runs backward.
+    assert net.layer_need_backward == [False, False, False]
+    assert net.bottom_need_backward[2] == [False, False]
+    forced = build(FROZEN % "true")
+    assert forced.layer_need_backward == [False, True, True]
+    assert forced.bottom_need_backward[1] == [True]
+    # EuclideanLoss allows force_backward to both bottoms (other losses refuse labels).
+    assert forced.bottom_need_backward[2] == [True, True]
+    rng = np.random.default_rng(0)
+    forced.forward(x=rng.normal(size=(2, 3)), y=rng.normal(size=(2, 4)))
+    forced.backward()
+    assert np.abs(forced.blobs["x"].diff).sum() > 0
+
+
+def test_propagate_down_stops_a_bottom() -> None:
+    text = (FROZEN % "false").replace('param { lr_mult: 0 } param { lr_mult: 0 }', "").replace(
+        'top: "loss" }', 'top: "loss" propagate_down: false propagate_down: true }')
+    net = build(text)
+    assert net.bottom_need_backward[2] == [False, True]
+    # Nothing reaches ip through its top any more, so it is skipped.
+    assert net.layer_need_backward[1] is False
+
+
+# -- param sharing --------------------------------------------------------------------------------
+
+SHARED = """
+layer { name: "data" type: "DummyData" top: "data"
+        dummy_data_param { shape { dim: 4 dim: 5 } data_filler { type: "gaussian" } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1"
+        param { name: "w" } param { name: "b" }
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" }
+                              bias_filler { type: "gaussian" } } }
+layer { name: "ip2" type: "InnerProduct" bottom: "data" top: "ip2"
+        param { name: "w" } param { name: "b" }
+        inner_product_param { num_output: 3 weight_filler { type: "gaussian" }
+                              bias_filler { type: "gaussian" } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "ip1" bottom: "ip2" top: "loss" }
+"""
+
+
+def test_shared_weights_give_zero_loss_and_summed_diffs() -> None:
+    net = Net(net_param(SHARED), "TRAIN", verbose=False, backend=NumpyBackend("float64"))
+    assert net.params["ip1"][0] is net.params["ip2"][0]
+    assert len(net.learnable_params) == 2
+    net.forward()
+    assert net.loss == 0.0
+    # Backward through each layer in turn: the shared diff accumulates both contributions.
+    net.clear_param_diffs()
+    net.forward()
+    net.blobs["ip1"].diff[...] = 1.0
+    net.blobs["ip2"].diff[...] = 2.0
+    ip1, ip2 = (net.layer_by_name[n] for n in ("ip1", "ip2"))
+    net.layers[ip1].backward(net.top_vecs[ip1], [False], net.bottom_vecs[ip1])
+    d1 = net.params["ip1"][0].diff.copy()
+    net.layers[ip2].backward(net.top_vecs[ip2], [False], net.bottom_vecs[ip2])
+    x = net.bottom_vecs[ip1][0].data
+    np.testing.assert_allclose(d1, np.ones((4, 3)).T @ x)
+    np.testing.assert_allclose(net.params["ip1"][0].diff, 3 * np.ones((4, 3)).T @ x)
+
+
+def test_sharing_needs_matching_shapes() -> None:
+    bad = SHARED.replace('top: "ip2"\n        param { name: "w" } param { name: "b" }\n'
+                         '        inner_product_param { num_output: 3',
+                         'top: "ip2"\n        param { name: "w" } param { name: "b" }\n'
+                         '        inner_product_param { num_output: 2')
+    assert bad != SHARED
+    with pytest.raises(ConfigError, match=r"cannot share param 'w'.*shapes differ"):
+        build(bad)
+
+
+# -- weights --------------------------------------------------------------------------------------
+
+
+def test_save_and_copy_from_by_layer_name(tmp_path: Path) -> None:
+    a = build(SHARED)
+    path = tmp_path / "w.npz"
+    a.save(path)
+    b = build(SHARED.replace("ip1", "ipX"), seed=5)
+    loaded, ignored = b.copy_from(path)
+    assert loaded == ["ip2"] and ignored == ["ip1"]
+    np.testing.assert_array_equal(b.params["ip2"][0].data, a.params["ip2"][0].data)
+
+
+def test_copy_from_shape_mismatch_is_located(tmp_path: Path) -> None:
+    a = build(SHARED)
+    path = tmp_path / "w.npz"
+    a.save(path)
+    b = build(SHARED.replace("num_output: 3", "num_output: 2"))
+    with pytest.raises(ConfigError, match=r"w.npz: cannot copy param 0 weights from layer "):
+        b.copy_from(path)
+
+
+# -- build errors ---------------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+BASE_YAML = """\
+name: tiny
+layer:
+  - name: data
+    type: DummyData
+    top: [x, y]
+    dummy_data_param:
+      shape: [{dim: [2, 3]}, {dim: [2, 3]}]
+  - name: loss
+    type: EuclideanLoss
+    bottom: [x, y]
+    top: loss
+"""
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (("type: EuclideanLoss", "type: EuclidianLoss"),
+     r"tiny.yaml:9:5: layer 'loss': unknown layer type 'EuclidianLoss' "
+     r"\(did you mean 'EuclideanLoss'\?\)"),
+    (("bottom: [x, y]", "bottom: [x, yy]"),
+     r"tiny.yaml:10:17: layer 'loss' \(EuclideanLoss\): unknown bottom blob 'yy' \(bottom 1\).*"
+     r"\(did you mean 'y'\?\)"),
+    (("top: loss", "top: y"),
+     r"tiny.yaml:11:10: layer 'loss': top blob 'y' is already produced by layer 'data'"),
+    (("shape: [{dim: [2, 3]}, {dim: [2, 3]}]", "shape: [{dim: [2, 3]}, {dim: [2, 4]}]"),
+     r"tiny.yaml:8:5: layer 'loss' \(EuclideanLoss\): .*\(bottoms: x \(2, 3\), y \(2, 4\)\)"),
+    (("top: loss", "top: loss\n    loss_weight: [1, 2]"),
+     r"tiny.yaml:12:19: layer 'loss': loss_weight must be unspecified or given once per top"),
+])
+def test_build_errors_are_located(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    path = write(tmp_path, "tiny.yaml", BASE_YAML.replace(*edit))
+    with pytest.raises(ConfigError, match=message):
+        Net(path, "TRAIN", verbose=False)
+
+
+def test_good_base_yaml_builds(tmp_path: Path) -> None:
+    net = Net(write(tmp_path, "tiny.yaml", BASE_YAML), "TRAIN", verbose=False)
+    assert net.outputs == ["loss"]
+
+
+def test_prototxt_build_error_is_located(tmp_path: Path) -> None:
+    text = 'name: "t"\nlayer {\n  name: "ip"\n  type: "InnerProduct"\n  bottom: "dat"\n}\n'
+    path = write(tmp_path, "t.prototxt", text)
+    with pytest.raises(ConfigError, match=r"t.prototxt:5:3: layer 'ip' \(InnerProduct\): "
+                                          r"unknown bottom blob 'dat'"):
+        Net(path, "TRAIN", verbose=False)
+
+
+def test_legacy_v1_layers_are_refused_clearly(tmp_path: Path) -> None:
+    path = write(tmp_path, "v1.prototxt", 'layers { name: "x" type: RELU }\n')
+    with pytest.raises(ConfigError, match="legacy V1 'layers'"):
+        Net(path, "TRAIN", verbose=False)
