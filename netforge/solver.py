@@ -156,7 +156,7 @@ class Solver:
         self.type = validate(sp, self.source)
         log.info("Initializing solver from parameters: %s",
                  text_format.MessageToString(sp, as_one_line=True))
-        self.backend = backend or get_backend(pb.SolverParameter.SolverMode.Name(sp.solver_mode))
+        self.backend = backend or self._backend()
         seed = sp.random_seed if sp.random_seed >= 0 else None
         self.rng = np.random.default_rng(seed)
         self.verbose = verbose
@@ -181,6 +181,17 @@ class Solver:
             for path in w.split(","):
                 self.load_weights(path)
         log.info("Solver scaffolding done.")
+
+    def _backend(self) -> Backend:
+        """solver_mode GPU → the GPU backend (or a located error); unset → CPU (Caffe's
+        default is GPU, which would make every file without the line fail on a laptop)."""
+        sp = self.param
+        gpu = sp.HasField("solver_mode") and sp.solver_mode == pb.SolverParameter.GPU
+        try:
+            return get_backend("GPU" if gpu else "CPU", device_id=sp.device_id)
+        except ConfigError as e:
+            where = self.source.where(("solver_mode",)) if self.source else None
+            raise ConfigError(e.message, where or e.where, e.hint) from None
 
     # -- nets -------------------------------------------------------------------------------------
     def _net_file(self, name: str) -> str:
