@@ -116,6 +116,15 @@ def insert_splits(layers: list[tuple[int, pb.LayerParameter]], smap: SourceMap |
             source_of[(i, j)] = src
             readers[src] = readers.get(src, 0) + 1
         for j, top in enumerate(lp.top):
+            in_place = j < len(lp.bottom) and lp.bottom[j] == top
+            if top in last_top and not in_place:
+                src = last_top[top]
+                producer = layers[src[0]][1].name if src[0] >= 0 else "the net inputs"
+                where = smap.where(("layer", orig, "top", j)) if smap else None
+                raise ConfigError(
+                    f"layer '{lp.name}': top blob '{top}' is already produced by layer "
+                    f"'{producer}' (in-place use must repeat the bottom at the same index)",
+                    where)
             last_top[top] = (i, j)
         for j, w in enumerate(lp.loss_weight):
             loss_weight[(i, j)] = w

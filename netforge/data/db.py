@@ -142,8 +142,7 @@ _ENVS: dict[str, tuple[lmdb.Environment, int]] = {}
 _ENVS_LOCK = threading.Lock()
 
 
-def _acquire_env(path: str) -> lmdb.Environment:
-    key = os.path.realpath(path)
+def _acquire_env(path: str, key: str) -> lmdb.Environment:
     with _ENVS_LOCK:
         env, users = _ENVS.get(key, (None, 0))
         if env is None:
@@ -156,8 +155,7 @@ def _acquire_env(path: str) -> lmdb.Environment:
         return env
 
 
-def _release_env(path: str) -> None:
-    key = os.path.realpath(path)
+def _release_env(key: str) -> None:
     with _ENVS_LOCK:
         env, users = _ENVS.pop(key, (None, 0))
         if env is None:
@@ -175,8 +173,11 @@ class LmdbReader:
 
     def __init__(self, path: PathLike, backend: int | None = None):
         self.path = check_lmdb_path(path, backend)
-        self.env: lmdb.Environment = _acquire_env(self.path)
-        self._release = weakref.finalize(self, _release_env, self.path)
+        # The key is fixed now: a relative path may mean another database when this reader
+        # is released (after a chdir).
+        self._key = os.path.realpath(self.path)
+        self.env: lmdb.Environment = _acquire_env(self.path, self._key)
+        self._release = weakref.finalize(self, _release_env, self._key)
         log.info("Opened lmdb %s", self.path)
 
     def __len__(self) -> int:
