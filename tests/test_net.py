@@ -384,3 +384,18 @@ def test_legacy_v1_layers_are_refused_clearly(tmp_path: Path) -> None:
     path = write(tmp_path, "v1.prototxt", 'layers { name: "x" type: RELU }\n')
     with pytest.raises(ConfigError, match="legacy V1 'layers'"):
         Net(path, "TRAIN", verbose=False)
+
+
+def test_deploy_net_reads_trained_weights(workspace: Path, tmp_path: Path) -> None:
+    test_net = Net("models/lenet_train_test.yaml", "TEST", verbose=False, seed=3)
+    try:
+        test_net.save(tmp_path / "w.npz")
+        test_net.forward()
+        x = test_net.blobs["data"].data[:64].copy()
+        logits = test_net.blobs["ip2"].data[:64]
+    finally:
+        test_net.close()
+    deploy = Net("models/lenet_deploy.yaml", "TEST", weights=tmp_path / "w.npz", verbose=False)
+    prob = deploy.forward(data=x)["prob"]
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(prob, e / e.sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)

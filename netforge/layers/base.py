@@ -105,6 +105,24 @@ class Layer:
     def make_blob(self, shape: Sequence[int], name: str = "") -> Blob:
         return Blob(self.backend, tuple(int(s) for s in shape), name or self.name)
 
+    def weight_and_bias(self, p: Any, w_shape: Sequence[int], n_bias: int,
+                        bias_term: bool) -> list[Blob]:
+        """The learnable blobs of a layer whose parameter message has weight_filler and
+        bias_filler (Convolution, InnerProduct): filled in that order from the net's RNG."""
+        from netforge.fillers import fill
+
+        rng, dtype = self.ctx.rng, self.backend.dtype
+        shapes = [("weight_filler", tuple(w_shape))]
+        if bias_term:
+            shapes.append(("bias_filler", (n_bias,)))
+        blobs = []
+        for field_name, shape in shapes:
+            blob = self.make_blob(shape)
+            filler = getattr(p, field_name) if p.HasField(field_name) else None
+            blob.data[...] = self.backend.asarray(fill(filler, shape, rng, dtype))
+            blobs.append(blob)
+        return blobs
+
     def check_counts(self, n_bottom: int, n_top: int) -> str | None:
         """None when the counts fit the declarations, else the complaint."""
         def rule(n: int, exact: int | None, lo: int | None, hi: int | None,

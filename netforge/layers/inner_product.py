@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from netforge.blob import Blob
-from netforge.fillers import fill
 from netforge.layers.base import Layer, LayerError, register, shape_str
 
 
@@ -31,15 +30,7 @@ class InnerProduct(Layer):
         self.axis = self._axis(bottom[0], p.axis)
         self.k = bottom[0].count_range(self.axis)
         w_shape = (self.k, self.num_output) if self.transpose else (self.num_output, self.k)
-        rng, dtype = self.ctx.rng, self.backend.dtype
-        self.blobs = [self.make_blob(w_shape)]
-        self.blobs[0].data[...] = self.backend.asarray(fill(
-            p.weight_filler if p.HasField("weight_filler") else None, w_shape, rng, dtype))
-        if self.bias_term:
-            self.blobs.append(self.make_blob((self.num_output,)))
-            self.blobs[1].data[...] = self.backend.asarray(fill(
-                p.bias_filler if p.HasField("bias_filler") else None, (self.num_output,), rng,
-                dtype))
+        self.blobs = self.weight_and_bias(p, w_shape, self.num_output, self.bias_term)
 
     @staticmethod
     def _axis(b: Blob, axis: int) -> int:

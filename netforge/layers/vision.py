@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from netforge.blob import Blob
-from netforge.fillers import fill
 from netforge.layers.base import PHASE_TRAIN, Layer, LayerError, register
 from netforge.proto import pb
 
@@ -95,16 +94,8 @@ class Convolution(Layer):
         if self.group < 1 or self.channels % self.group or self.num_output % self.group:
             raise LayerError(f"group {self.group} must divide both the input channels "
                              f"({self.channels}) and num_output ({self.num_output})")
-        rng, dtype = self.ctx.rng, self.backend.dtype
         w_shape = (self.num_output, self.channels // self.group, *self.kernel)
-        self.blobs = [self.make_blob(w_shape)]
-        self.blobs[0].data[...] = self.backend.asarray(fill(
-            p.weight_filler if p.HasField("weight_filler") else None, w_shape, rng, dtype))
-        if self.bias_term:
-            self.blobs.append(self.make_blob((self.num_output,)))
-            self.blobs[1].data[...] = self.backend.asarray(fill(
-                p.bias_filler if p.HasField("bias_filler") else None, (self.num_output,), rng,
-                dtype))
+        self.blobs = self.weight_and_bias(p, w_shape, self.num_output, self.bias_term)
         self._cols: list[Any] = []
 
     def _out_size(self, h: int, w: int) -> tuple[int, int]:
