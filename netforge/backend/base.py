@@ -37,7 +37,28 @@ class Backend:
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on the CPU); used for timing."""
 
+    def pad(self, x: Any, ph: int, pw: int, value: float = 0.0, extra_h: int = 0,
+            extra_w: int = 0) -> Any:
+        """(N, C, H, W) ``x`` padded by ph/pw on every side (and extra rows/columns at the
+        bottom/right) with ``value``; ``x`` itself when there is nothing to add."""
+        if not (ph or pw or extra_h or extra_w):
+            return x
+        n, c, h, w = x.shape
+        out = self.xp.full((n, c, h + 2 * ph + extra_h, w + 2 * pw + extra_w), value,
+                           dtype=x.dtype)
+        out[:, :, ph:ph + h, pw:pw + w] = x
+        return out
+
     # -- kernels (implemented per backend) --------------------------------------------------------
+    def sliding_windows(self, x: Any, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int,
+                        dh: int = 1, dw: int = 1) -> Any:
+        """A read-only (N, C, kh, kw, oh, ow) view of the windows of an (N, C, H, W) array."""
+        raise NotImplementedError
+
+    def scatter_add(self, target: Any, flat_index: Any, values: Any) -> None:
+        """``target.flat[flat_index] += values``, summing repeated indices."""
+        raise NotImplementedError
+
     def im2col(self, x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                dh: int, dw: int) -> Any:
         raise NotImplementedError

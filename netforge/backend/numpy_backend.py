@@ -30,16 +30,6 @@ class NumpyBackend(Backend):
             writeable=False,
         )
 
-    def pad(self, x: np.ndarray, ph: int, pw: int, value: float = 0.0,
-            extra_h: int = 0, extra_w: int = 0) -> np.ndarray:
-        """x padded by ph/pw on every side (and extra rows/cols at the bottom/right)."""
-        if not (ph or pw or extra_h or extra_w):
-            return x
-        n, c, h, w = x.shape
-        out = np.full((n, c, h + 2 * ph + extra_h, w + 2 * pw + extra_w), value, dtype=x.dtype)
-        out[:, :, ph:ph + h, pw:pw + w] = x
-        return out
-
     def im2col(self, x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                dh: int, dw: int) -> np.ndarray:
         """(N, C, H, W) -> columns (N, C*kh*kw, oh*ow), rows ordered (c, i, j) like Caffe."""
