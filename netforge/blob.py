@@ -31,7 +31,10 @@ class Blob:
     def num_axes(self) -> int:
         return self.data.ndim
 
-    def reshape(self, shape: tuple[int, ...] | list[int]) -> None:
+    def reshape(self, *shape: Any) -> None:
+        """``reshape((2, 3))`` or, as in pycaffe, ``reshape(2, 3)``."""
+        if len(shape) == 1 and not isinstance(shape[0], int):
+            shape = tuple(shape[0])
         shape = tuple(int(s) for s in shape)
         if any(s < 0 for s in shape):
             raise ValueError(f"negative dimension in blob shape {shape}")

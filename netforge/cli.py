@@ -184,6 +184,62 @@ def test(model: str, weights: str, iterations: int, level: int, stage: str, gpu:
         net.close()
 
 
+@cli.command()
+@click.option("--model", required=True, type=click.Path(dir_okay=False),
+              help="Net file (.prototxt or .yaml).")
+@click.option("--layer", "layers", multiple=True,
+              help="Check only this layer (repeatable); default: every layer.")
+@click.option("--phase", type=click.Choice(["TRAIN", "TEST"], case_sensitive=False),
+              default="TRAIN", show_default=True)
+@click.option("--weights", default=None, type=click.Path(dir_okay=False),
+              help="Check at these weights (.npz) instead of the fillers' values.")
+@click.option("--points", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Elements checked per blob (sampled with --seed).")
+@click.option("--stepsize", default=1e-3, show_default=True, type=float)
+@click.option("--threshold", default=1e-3, show_default=True, type=float)
+@click.option("--seed", default=1701, show_default=True, type=int)
+def gradcheck(model: str, layers: tuple[str, ...], phase: str, weights: str | None,
+              points: int, stepsize: float, threshold: float, seed: int) -> None:
+    """Finite-difference check of every layer's backward on a real net (float64).
+
+    Exit code 1 when any layer fails.
+    """
+    from netforge.backend import NumpyBackend
+    from netforge.gradcheck import check_net
+    from netforge.net import Net
+
+    nflog.configure(level=logging.WARNING)
+    net = Net(model, phase, backend=NumpyBackend("float64"), seed=seed, verbose=False)
+    try:
+        if weights:
+            net.copy_from(weights)
+        checks = check_net(net, layers, stepsize, threshold, points, seed)
+    finally:
+        net.close()
+    width = max([5, *(len(c.name) for c in checks)])
+    kind_width = max([4, *(len(c.type) for c in checks)])
+    click.echo(f"{'layer':<{width}}  {'type':<{kind_width}}  {'checked':>7}  {'kinks':>5}  "
+               f"{'max abs err':>11}  {'max rel err':>11}  result")
+    failed = []
+    for c in checks:
+        r = c.result
+        if r is None:
+            click.echo(f"{c.name:<{width}}  {c.type:<{kind_width}}  {'-':>7}  {'-':>5}  "
+                       f"{'-':>11}  {'-':>11}  skipped ({c.note})")
+            continue
+        verdict = "ok" if r.ok else f"FAIL ({len(r.failures)} points)"
+        click.echo(f"{c.name:<{width}}  {c.type:<{kind_width}}  {r.checked:>7}  {r.kinks:>5}  "
+                   f"{r.max_abs:>11.3g}  {r.max_rel:>11.3g}  {verdict}")
+        if not r.ok:
+            failed.append(c)
+    for c in failed:
+        assert c.result is not None
+        for line in c.result.failures[:5]:
+            click.echo(f"  {line}")
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
 # ---------------------------------------------------------------------------------------------
 # data
 

@@ -30,7 +30,7 @@ from netforge.snapshot import read_state, read_weights, write_state
 
 log = logging.getLogger("netforge")
 
-LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid", "cosine")
 SOLVER_TYPES = ("SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam")
 _LEGACY_TYPES = {pb.SolverParameter.SGD: "SGD", pb.SolverParameter.NESTEROV: "Nesterov",
                  pb.SolverParameter.ADAGRAD: "AdaGrad", pb.SolverParameter.RMSPROP: "RMSProp",
@@ -38,7 +38,16 @@ _LEGACY_TYPES = {pb.SolverParameter.SGD: "SGD", pb.SolverParameter.NESTEROV: "Ne
 
 
 def learning_rate(sp: pb.SolverParameter, it: int, current_step: int = 0) -> tuple[float, int]:
-    """(rate, current_step) after ``it`` updates, per SGDSolver::GetLearningRate."""
+    """(rate, current_step) after ``it`` updates: SGDSolver::GetLearningRate, plus netforge's
+    ``cosine`` policy and linear warm-up (``warmup_iter``)."""
+    rate, current_step = _policy_rate(sp, it, current_step)
+    if it < sp.warmup_iter:
+        start = sp.warmup_start_factor
+        rate *= start + (1.0 - start) * it / sp.warmup_iter
+    return rate, current_step
+
+
+def _policy_rate(sp: pb.SolverParameter, it: int, current_step: int) -> tuple[float, int]:
     policy = sp.lr_policy
     base = sp.base_lr
     if policy == "fixed":
@@ -59,6 +68,9 @@ def learning_rate(sp: pb.SolverParameter, it: int, current_step: int = 0) -> tup
         return base * (1.0 - it / sp.max_iter) ** sp.power, current_step
     if policy == "sigmoid":
         return base * (1.0 / (1.0 + math.exp(-sp.gamma * (it - sp.stepsize)))), current_step
+    if policy == "cosine":
+        t = min(it, sp.max_iter) / sp.max_iter
+        return sp.min_lr + (base - sp.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t)), current_step
     raise ConfigError(f"unknown learning rate policy '{policy}'")
 
 
@@ -103,8 +115,17 @@ def validate(sp: pb.SolverParameter, smap: SourceMap | None = None) -> str:
         steps = list(sp.stepvalue)
         need(bool(steps), "stepvalue", "lr_policy 'multistep' needs stepvalue entries")
         need(steps == sorted(steps), "stepvalue", "stepvalue entries must increase")
-    if sp.lr_policy == "poly":
-        need(sp.max_iter > 0, "max_iter", "lr_policy 'poly' needs max_iter > 0")
+    if sp.lr_policy in ("poly", "cosine"):
+        need(sp.max_iter > 0, "max_iter", f"lr_policy '{sp.lr_policy}' needs max_iter > 0")
+    need(sp.warmup_iter >= 0, "warmup_iter", "warmup_iter must be ≥ 0")
+    need(0 <= sp.warmup_start_factor <= 1, "warmup_start_factor",
+         "warmup_start_factor must be in [0, 1]")
+    if sp.HasField("early_stop"):
+        es = sp.early_stop
+        need(bool(es.output), "early_stop", "early_stop needs 'output' (a test net output, "
+             "e.g. accuracy or loss)")
+        need(es.patience >= 1, "early_stop", "early_stop.patience must be ≥ 1")
+        need(es.min_delta >= 0, "early_stop", "early_stop.min_delta must be ≥ 0")
     need(sp.iter_size >= 1, "iter_size", "iter_size must be ≥ 1")
     need(sp.average_loss >= 1, "average_loss", "average_loss must be ≥ 1")
     need(sp.regularization_type in ("L1", "L2"), "regularization_type",
@@ -177,6 +198,7 @@ class Solver:
         self._snapshot_now = False
         self.on_iteration: list[Any] = []
         self.last_test: list[dict[str, float]] = []
+        self.early_stop = EarlyStop.from_param(sp, self.test_nets, self.source)
         for w in weights if weights is not None else list(sp.weights):
             for path in w.split(","):
                 self.load_weights(path)
@@ -355,6 +377,8 @@ class Solver:
     # -- testing ----------------------------------------------------------------------------------
     def test_all(self) -> list[dict[str, float]]:
         self.last_test = [self.test(i) for i in range(len(self.test_nets))]
+        if self.early_stop is not None and self.early_stop.update(self.iter, self.last_test):
+            self.request_stop()
         return self.last_test
 
     def test(self, i: int) -> dict[str, float]:
@@ -483,6 +507,7 @@ class Solver:
             "type": self.type,
             "rng": self.rng.bit_generator.state,
             "params": [[p.layer, p.index, list(p.blob.shape)] for p in self.params],
+            "early_stop": self.early_stop.state() if self.early_stop is not None else None,
             "data": {"train": _data_states(self.net),
                      **{f"test{i}": _data_states(n) for i, n in enumerate(self.test_nets)}},
         }
@@ -508,6 +533,8 @@ class Solver:
         self.net.load_weights(read_weights(learned), str(learned))
         self.iter = int(meta["iter"])
         self.current_step = int(meta.get("current_step", 0))
+        if self.early_stop is not None and meta.get("early_stop"):
+            self.early_stop.set_state(meta["early_stop"])
         self.rng.bit_generator.state = meta["rng"]
         data = meta.get("data", {})
         _set_data_states(self.net, data.get("train", {}))
@@ -519,6 +546,65 @@ class Solver:
         self.net.close()
         for n in self.test_nets:
             n.close()
+
+
+class EarlyStop:
+    """netforge's early_stop: stop when a test output has not improved by more than
+    ``min_delta`` for ``patience`` tests in a row."""
+
+    def __init__(self, output: str, test_net: int, minimize: bool, patience: int,
+                 min_delta: float):
+        self.output, self.test_net, self.minimize = output, test_net, minimize
+        self.patience, self.min_delta = patience, min_delta
+        self.best: float | None = None
+        self.best_iter = -1
+        self.bad_tests = 0
+
+    @classmethod
+    def from_param(cls, sp: pb.SolverParameter, test_nets: list[Net],
+                   source: SourceMap | None) -> EarlyStop | None:
+        if not sp.HasField("early_stop"):
+            return None
+        es = sp.early_stop
+        where = source.where(("early_stop",)) if source else None
+        if not 0 <= es.test_net < len(test_nets):
+            raise ConfigError(f"early_stop.test_net is {es.test_net} but there are "
+                              f"{len(test_nets)} test nets", where)
+        net = test_nets[es.test_net]
+        if es.output not in net.outputs:
+            raise ConfigError(f"early_stop.output '{es.output}' is not an output of test net "
+                              f"#{es.test_net} (outputs: {', '.join(net.outputs)})", where,
+                              did_you_mean(es.output, net.outputs))
+        mode = es.mode
+        minimize = net.output_weight(es.output) != 0 if mode == es.AUTO else mode == es.MIN
+        return cls(es.output, es.test_net, minimize, es.patience, es.min_delta)
+
+    def update(self, it: int, results: list[dict[str, float]]) -> bool:
+        """Record one test; True when training should stop."""
+        value = results[self.test_net].get(self.output) if self.test_net < len(results) else None
+        if value is None:
+            return False
+        gain = (self.best - value if self.minimize else value - self.best) \
+            if self.best is not None else math.inf
+        if gain > self.min_delta:
+            self.best, self.best_iter, self.bad_tests = value, it, 0
+            return False
+        self.bad_tests += 1
+        if self.bad_tests < self.patience:
+            return False
+        log.info("Early stopping at iteration %d: %s has not improved by more than %s for %d "
+                 "tests (best %s at iteration %d)", it, self.output, fmt(self.min_delta),
+                 self.patience, fmt(self.best if self.best is not None else math.nan),
+                 self.best_iter)
+        return True
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best, "best_iter": self.best_iter, "bad_tests": self.bad_tests}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
+        self.best_iter = int(state.get("best_iter", -1))
+        self.bad_tests = int(state.get("bad_tests", 0))
 
 
 def _data_states(net: Net) -> dict[str, Any]:
