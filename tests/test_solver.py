@@ -190,7 +190,9 @@ def float_db(path: Path, x: np.ndarray, y: np.ndarray) -> str:
 def lmdb_regression(tmp_path: Path, batch: int, iter_size: int, solver: str = "SGD") -> Solver:
     rng = np.random.default_rng(3)
     x = rng.normal(size=(8, D))
-    db = float_db(tmp_path / f"db{batch}", x, np.zeros(8))
+    path = tmp_path / f"db{batch}"
+    db = str(path) if path.exists() else float_db(path, x, np.zeros(8))
+    momentum = 0.0 if solver in ("AdaGrad", "RMSProp") else 0.9
     net = f"""
     layer {{ name: "data" type: "Data" top: "data" top: "label"
             data_param {{ source: "{db}" batch_size: {batch} }} }}
@@ -198,7 +200,8 @@ def lmdb_regression(tmp_path: Path, batch: int, iter_size: int, solver: str = "S
             inner_product_param {{ num_output: 2 weight_filler {{ type: "gaussian" }} }} }}
     layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }}
     """
-    sp = solver_param(f"net_param {{ {net} }} lr_policy: 'fixed' base_lr: 0.1 momentum: 0.9 "
+    sp = solver_param(f"net_param {{ {net} }} lr_policy: 'fixed' base_lr: 0.1 "
+                      f"momentum: {momentum} "
                       f"weight_decay: 0.01 random_seed: 5 iter_size: {iter_size} type: '{solver}'")
     return Solver(sp, backend=F64, verbose=False)
 
