@@ -298,7 +298,8 @@ def convert_mnist_cmd(images: str | None, labels: str | None, out_db: str | None
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI and turns netforge errors into one line and an exit code."""
     try:
-        cli.main(args=argv, prog_name="netforge", standalone_mode=False)
+        # Without standalone mode click returns a command's Exit code instead of raising it.
+        rc = cli.main(args=argv, prog_name="netforge", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         return 130
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

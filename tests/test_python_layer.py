@@ -135,7 +135,7 @@ def test_gradcheck_cli_finds_a_wrong_backward(workspace: Path, user_module: str,
         "  - {name: loss, type: EuclideanLoss, bottom: [sq, x], top: loss}\n")
     code = main(["gradcheck", "--model", "net.yaml", "--layer", "sq"])
     out = capsys.readouterr().out
-    assert code == 1
+    assert code == 1, out
     assert "FAIL" in out and "sq: bottom 0 element" in out
     code = main(["gradcheck", "--model", "net.yaml", "--layer", "sqq"])
     assert code == 2

@@ -52,6 +52,7 @@ def _import(module: str, extra_dirs: Sequence[str]) -> Any:
     except ModuleNotFoundError as e:
         if e.name != module.split(".")[0]:
             raise
+    importlib.invalidate_caches()  # the module may have been written a moment ago
     added = [d for d in extra_dirs if d not in sys.path]
     sys.path[:0] = added
     try:
