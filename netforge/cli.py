@@ -184,6 +184,44 @@ def test(model: str, weights: str, iterations: int, level: int, stage: str, gpu:
         net.close()
 
 
+@cli.command("time")
+@click.option("--model", required=True, type=click.Path(dir_okay=False),
+              help="Net file (.prototxt or .yaml); no weights are loaded.")
+@click.option("--iterations", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--phase", type=click.Choice(["TRAIN", "TEST"], case_sensitive=False),
+              default="TRAIN", show_default=True)
+@click.option("--level", default=0, show_default=True)
+@click.option("--stage", default="", help="Comma-separated NetState stages.")
+@click.option("--gpu", is_flag=True, help="Run on the GPU backend.")
+def time_cmd(model: str, iterations: int, phase: str, level: int, stage: str,
+             gpu: bool) -> None:
+    """Per-layer forward/backward times (Caffe's `caffe time`)."""
+    from netforge.net import Net
+    from netforge.timing import time_net
+
+    nflog.configure()
+    net = Net(model, phase, level=level, stages=_stages(stage), backend="GPU" if gpu else "CPU")
+    try:
+        log.info("Performing Forward and Backward (warm-up)")
+        log.info("*** Benchmark begins ***")
+        log.info("Testing for %d iterations.", iterations)
+        t = time_net(net, iterations)
+    finally:
+        net.close()
+    log.info("Initial loss: %s", nflog.fmt(t.initial_loss))
+    for j, ms in enumerate(t.iteration_ms):
+        log.info("Iteration: %d forward-backward time: %s ms.", j + 1, nflog.fmt(ms))
+    log.info("Average time per layer: ")
+    for name, f_ms, b_ms in zip(t.layer_names, t.forward_ms, t.backward_ms, strict=True):
+        log.info("%10s\tforward: %s ms.", name, nflog.fmt(f_ms))
+        log.info("%10s\tbackward: %s ms.", name, nflog.fmt(b_ms))
+    log.info("Average Forward pass: %s ms.", nflog.fmt(t.forward_total))
+    log.info("Average Backward pass: %s ms.", nflog.fmt(t.backward_total))
+    log.info("Average Forward-Backward: %s ms.", nflog.fmt(sum(t.iteration_ms) / iterations))
+    log.info("Total Time: %s ms.", nflog.fmt(sum(t.iteration_ms)))
+    log.info("*** Benchmark ends ***")
+
+
 @cli.command()
 @click.option("--model", required=True, type=click.Path(dir_okay=False),
               help="Net file (.prototxt or .yaml).")

@@ -513,11 +513,15 @@ class Net:
         self.loss = loss
         return {name: self.blobs[name].data for name in self.outputs}
 
-    def backward(self) -> None:
+    def backward_prepare(self) -> None:
+        """Seed the loss tops' diffs with their loss weights (Caffe's SetLossWeights)."""
         for i in range(len(self.layers)):
             for t, w in zip(self.top_vecs[i], self.loss_weights[i], strict=True):
                 if w:
                     t.diff[...] = w
+
+    def backward(self) -> None:
+        self.backward_prepare()
         for i in reversed(range(len(self.layers))):
             if self.layer_need_backward[i]:
                 self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i],

@@ -85,6 +85,7 @@ def early_stop_solver(tmp_path: Path, early: str, max_iter: int = 60) -> Solver:
     sp = solver_param(f"lr_policy: 'fixed' base_lr: 0.0 max_iter: {max_iter} test_iter: 4 "
                       f"test_interval: 5 random_seed: 1 {early}")
     sp.net_param.CopyFrom(db)
+    sp.snapshot_prefix = str(tmp_path / "early")
     return Solver(sp, backend=F64, verbose=False)
 
 
