@@ -50,6 +50,16 @@ class Backend:
         return out
 
     # -- kernels (implemented per backend) --------------------------------------------------------
+    def im2col_cnhw(self, x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+                    dh: int, dw: int, out: Any = None) -> Any:
+        """(N, C, H, W) -> (C·kh·kw, N·oh·ow) columns (the batch folded into the columns)."""
+        raise NotImplementedError
+
+    def col2im_cnhw(self, col: Any, shape: tuple[int, ...], kh: int, kw: int, sh: int,
+                    sw: int, ph: int, pw: int, dh: int, dw: int, out: Any = None) -> Any:
+        """The adjoint of ``im2col_cnhw``."""
+        raise NotImplementedError
+
     def sliding_windows(self, x: Any, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int,
                         dh: int = 1, dw: int = 1) -> Any:
         """A read-only (N, C, kh, kw, oh, ow) view of the windows of an (N, C, H, W) array."""

@@ -55,6 +55,50 @@ class NumpyBackend(Backend):
                     wj:wj + sw * (ow - 1) + 1:sw] += cols[:, :, i, j]
         return out[:, :, ph:ph + h, pw:pw + w] if (ph or pw) else out
 
+    def im2col_cnhw(self, x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+                    dh: int, dw: int, out: np.ndarray | None = None) -> np.ndarray:
+        """(N, C, H, W) -> columns (C·kh·kw, N·oh·ow): rows ordered (c, i, j) like Caffe, the
+        batch folded into the columns so that a whole convolution is one GEMM. Written into
+        ``out`` when it is given (and has the right size), to reuse one buffer."""
+        n, c, h, w = x.shape
+        oh = conv_out_size(h, kh, sh, ph, dh)
+        ow = conv_out_size(w, kw, sw, pw, dw)
+        win = self.sliding_windows(self.pad(x, ph, pw), kh, kw, sh, sw, oh, ow, dh, dw)
+        shape = (c * kh * kw, n * oh * ow)
+        if out is None or out.shape != shape or out.dtype != x.dtype:
+            out = np.empty(shape, dtype=x.dtype)
+        np.copyto(out.reshape(c, kh, kw, n, oh, ow), win.transpose(1, 2, 3, 0, 4, 5))
+        return out
+
+    def col2im_cnhw(self, col: np.ndarray, shape: tuple[int, ...], kh: int, kw: int, sh: int,
+                    sw: int, ph: int, pw: int, dh: int, dw: int,
+                    out: np.ndarray | None = None) -> np.ndarray:
+        """The adjoint of im2col_cnhw: (C·kh·kw, N·oh·ow) columns summed back into an
+        (N, C, H, W) array (``out`` is overwritten when given)."""
+        n, c, h, w = shape
+        oh = conv_out_size(h, kh, sh, ph, dh)
+        ow = conv_out_size(w, kw, sw, pw, dw)
+        cols = col.reshape(c, kh, kw, n, oh, ow).transpose(3, 0, 1, 2, 4, 5)
+        padded = (n, c, h + 2 * ph, w + 2 * pw)
+        if ph or pw or out is None or out.shape != padded:
+            acc = np.zeros(padded, dtype=col.dtype)
+        else:
+            acc = out
+            acc[...] = 0
+        for i in range(kh):
+            hi = i * dh
+            for j in range(kw):
+                wj = j * dw
+                acc[:, :, hi:hi + sh * (oh - 1) + 1:sh,
+                    wj:wj + sw * (ow - 1) + 1:sw] += cols[:, :, i, j]
+        if ph or pw:
+            inner = acc[:, :, ph:ph + h, pw:pw + w]
+            if out is not None and out.shape == tuple(shape):
+                out[...] = inner
+                return out
+            return inner
+        return acc
+
     def scatter_add(self, target: np.ndarray, flat_index: Any, values: Any) -> None:
         """target.flat[flat_index] += values, summing repeated indices."""
         target += np.bincount(flat_index.ravel(), weights=values.ravel(),
