@@ -60,13 +60,20 @@ def fill(param: pb.FillerParameter | None, shape: Sequence[int], rng: np.random.
         n = _scale_n(param, shape)
         out = rng.normal(0.0, math.sqrt(2.0 / n), size=shape)
     elif kind == "bilinear":
-        if len(shape) != 4 or shape[2] != shape[3]:
-            raise NetforgeError("the bilinear filler needs a 4-axis blob with square kernels")
+        # Caffe's BilinearFiller: every (out, in) plane is the same separable kernel that
+        # upsamples by f = ceil(k / 2) in a Deconvolution with stride f and pad ceil((f-1)/2)
+        # (kernel 2f - f % 2), w[y, x] = (1 - |x/f - c|)(1 - |y/f - c|), c = (k - 1) / 2f.
+        if len(shape) != 4:
+            raise NetforgeError(f"the bilinear filler needs a 4-axis blob, got shape {shape}")
+        if shape[2] != shape[3]:
+            raise NetforgeError(f"the bilinear filler needs square kernels (height == width), "
+                                f"got {shape[2]}x{shape[3]}")
+        if param.sparse != -1:
+            raise NetforgeError("the bilinear filler does not support sparse")
         k = shape[3]
         f = math.ceil(k / 2.0)
-        c = (2 * f - 1 - f % 2) / (2.0 * f)
-        idx = np.arange(k)
-        w1 = 1 - np.abs(idx / f - c)
+        c = (k - 1) / (2.0 * f)
+        w1 = 1 - np.abs(np.arange(k) / f - c)
         out = np.broadcast_to(np.outer(w1, w1), shape).copy()
     else:
         raise NetforgeError(f"unknown filler type '{kind}'")

@@ -1,16 +1,22 @@
-"""Vision layers: Convolution and Pooling on (N, C, H, W) blobs, with Caffe's geometry.
+"""Vision layers on (N, C, H, W) blobs, with Caffe's geometry: Convolution, Deconvolution,
+Im2col, Pooling and SPP.
 
 Convolution is im2col followed by one batched matrix product (groups are a batch axis); its
-backward is the two transposed products and col2im. Pooling works on strided slices of a
-padded input, one slice per kernel offset, so the Python loop runs over kh·kw and never over
-images or channels.
+backward is the two transposed products and col2im. Deconvolution is the same machinery run
+the other way round (Caffe's BaseConvolutionLayer with reversed dimensions): its forward is
+Convolution's backward-data and its backward-data is Convolution's forward. Im2col exposes the
+column buffer itself. Pooling works on strided slices of a padded input, one slice per kernel
+offset, so the Python loop runs over kh·kw and never over images or channels; SPP runs one
+Pooling per pyramid level, as Caffe builds it, and concatenates the flattened results.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from netforge.backend.base import Backend
 from netforge.blob import Blob
 from netforge.layers.base import PHASE_TRAIN, Layer, LayerError, register
 from netforge.proto import pb
@@ -57,36 +63,99 @@ def _strided(x: Any, i: int, j: int, sh: int, sw: int, oh: int, ow: int) -> Any:
     return x[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw]
 
 
-@register
-class Convolution(Layer):
-    """y[n, o] = Σ_c W[o, c] ⋆ x[n, g·C/G + c] + b[o] for o in group g (cross-correlation).
+# -- convolution geometry, shared by Convolution, Deconvolution and Im2col -------------------------
 
-    Params: num_output, bias_term, kernel/stride/pad/dilation (one value or h, w), group.
-    Blobs: W (num_output, C/group, kh, kw) and b (num_output). Every bottom i gives top i
-    through the same weights. Output size: floor((in + 2p − (d(k−1) + 1)) / s) + 1.
-    Backward: dW += Σ dy·colᵀ, db += Σ dy, dx = col2im(Wᵀ·dy).
-    """
+@dataclass(frozen=True)
+class _ConvGeometry:
+    """kernel, stride, pad and dilation (each (h, w)) of a convolution_param, and the column
+    transforms they define: im2col maps (N, C, H, W) to (N, C·kh·kw, oh·ow), col2im is its
+    adjoint (the sum of every column entry back into its pixel)."""
 
-    type = "Convolution"
-    min_bottoms = 1
-    equal_bottom_top = True
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad: tuple[int, int]
+    dilation: tuple[int, int]
 
-    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        p = self.param.convolution_param
-        _check_4d(bottom, "Convolution")
+    @classmethod
+    def parse(cls, p: pb.ConvolutionParameter, what: str) -> _ConvGeometry:
         axis = p.axis + 4 if p.axis < 0 else p.axis
         if axis != 1:
-            raise LayerError(f"Convolution supports only axis 1 (channels) for 4-D input, "
+            raise LayerError(f"{what} supports only axis 1 (channels) for 4-D input, "
                              f"got axis {p.axis}")
-        self.kernel = _hw(p, "kernel_size", "kernel", None)
-        self.stride = _hw(p, "stride", "stride", 1)
-        self.pad = _hw(p, "pad", "pad", 0)
+        kernel = _hw(p, "kernel_size", "kernel", None)
+        stride = _hw(p, "stride", "stride", 1)
+        pad = _hw(p, "pad", "pad", 0)
         dilation = list(p.dilation) or [1]
         if len(dilation) > 2:
             raise LayerError(f"dilation takes 1 or 2 values for 2-D input, got {len(dilation)}")
-        self.dilation = (int(dilation[0]), int(dilation[-1]))
-        if min(*self.kernel, *self.stride, *self.dilation) < 1:
+        dil = (int(dilation[0]), int(dilation[-1]))
+        if min(*kernel, *stride, *dil) < 1:
             raise LayerError("kernel, stride and dilation must be positive")
+        return cls(kernel, stride, pad, dil)
+
+    @property
+    def extent(self) -> tuple[int, int]:
+        """The span of a dilated kernel: d(k − 1) + 1."""
+        (kh, kw), (dh, dw) = self.kernel, self.dilation
+        return dh * (kh - 1) + 1, dw * (kw - 1) + 1
+
+    def conv_out(self, h: int, w: int) -> tuple[int, int]:
+        """Convolution's output size floor((in + 2p − extent) / s) + 1, which must be ≥ 1."""
+        (sh, sw), (ph, pw), (eh, ew) = self.stride, self.pad, self.extent
+        oh, ow = (h + 2 * ph - eh) // sh + 1, (w + 2 * pw - ew) // sw + 1
+        if oh < 1 or ow < 1:
+            kh, kw = self.kernel
+            dil = "" if self.dilation == (1, 1) else f" dilation {_pair_str(self.dilation)}"
+            raise LayerError(f"kernel {kh}x{kw}{dil} with pad {_pair_str(self.pad)} does not fit "
+                             f"a {h}x{w} input")
+        return oh, ow
+
+    def deconv_out(self, h: int, w: int) -> tuple[int, int]:
+        """Deconvolution's output size s(in − 1) + extent − 2p, which must be ≥ 1."""
+        (sh, sw), (ph, pw), (eh, ew) = self.stride, self.pad, self.extent
+        oh, ow = sh * (h - 1) + eh - 2 * ph, sw * (w - 1) + ew - 2 * pw
+        if oh < 1 or ow < 1:
+            raise LayerError(f"pad {_pair_str(self.pad)} leaves no output for a {h}x{w} input "
+                             f"(output size {oh}x{ow} = stride·(in − 1) + dilation·(kernel − 1) "
+                             f"+ 1 − 2·pad)")
+        return oh, ow
+
+    def _is_1x1(self) -> bool:
+        return self.kernel == (1, 1) and self.stride == (1, 1) and self.pad == (0, 0)
+
+    def im2col(self, backend: Backend, x: Any) -> Any:
+        """(N, C, H, W) -> (N, C·kh·kw, oh·ow); a free reshape for 1x1 stride-1 unpadded kernels."""
+        if self._is_1x1():
+            return x.reshape(x.shape[0], x.shape[1], -1)
+        return backend.im2col(x, *self.kernel, *self.stride, *self.pad, *self.dilation)
+
+    def col2im(self, backend: Backend, col: Any, shape: tuple[int, ...]) -> Any:
+        if self._is_1x1():
+            return col.reshape(shape)
+        return backend.col2im(col, shape, *self.kernel, *self.stride, *self.pad, *self.dilation)
+
+
+class _ConvolutionBase(Layer):
+    """Caffe's BaseConvolutionLayer: learnable grouped filters over im2col columns.
+
+    In the "convolution view" an input with ``conv_in`` channels is correlated into an output
+    with ``conv_out`` channels by W (conv_out, conv_in/G, kh, kw). Convolution's bottom is that
+    input (conv_in = C, conv_out = num_output); Deconvolution (``reverse``) swaps the roles, so
+    its bottom is the convolution-view output (conv_out = C, conv_in = num_output). The three
+    products below are all either layer needs:
+      _apply(col)          = W · col            (convolution forward, deconvolution backward-data)
+      _apply_t(dy, shape)  = col2im(Wᵀ · dy)    (convolution backward-data, deconvolution forward)
+      _weight_grad(col, y) : dW += Σ_n y · colᵀ
+    """
+
+    min_bottoms = 1
+    equal_bottom_top = True
+    reverse: ClassVar[bool] = False
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        p = self.param.convolution_param
+        _check_4d(bottom, self.type)
+        self.geom = _ConvGeometry.parse(p, self.type)
         self.num_output, self.group, self.bias_term = p.num_output, p.group, p.bias_term
         self.channels = bottom[0].shape[1]
         if self.num_output < 1:
@@ -94,22 +163,18 @@ class Convolution(Layer):
         if self.group < 1 or self.channels % self.group or self.num_output % self.group:
             raise LayerError(f"group {self.group} must divide both the input channels "
                              f"({self.channels}) and num_output ({self.num_output})")
-        w_shape = (self.num_output, self.channels // self.group, *self.kernel)
+        if self.reverse:
+            self.conv_in, self.conv_out = self.num_output, self.channels
+        else:
+            self.conv_in, self.conv_out = self.channels, self.num_output
+        w_shape = (self.conv_out, self.conv_in // self.group, *self.geom.kernel)
         self.blobs = self.weight_and_bias(p, w_shape, self.num_output, self.bias_term)
-        self._cols: list[Any] = []
 
     def _out_size(self, h: int, w: int) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.pad, self.dilation
-        oh = (h + 2 * ph - (dh * (kh - 1) + 1)) // sh + 1
-        ow = (w + 2 * pw - (dw * (kw - 1) + 1)) // sw + 1
-        if oh < 1 or ow < 1:
-            dil = "" if self.dilation == (1, 1) else f" dilation {_pair_str(self.dilation)}"
-            raise LayerError(f"kernel {kh}x{kw}{dil} with pad {_pair_str(self.pad)} does not fit "
-                             f"a {h}x{w} input")
-        return oh, ow
+        return self.geom.deconv_out(h, w) if self.reverse else self.geom.conv_out(h, w)
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        _check_4d(bottom, "Convolution")
+        _check_4d(bottom, self.type)
         shape = bottom[0].shape
         for i, b in enumerate(bottom[1:], 1):
             if b.shape != shape:
@@ -123,49 +188,148 @@ class Convolution(Layer):
             t.reshape((shape[0], self.num_output, oh, ow))
 
     def _im2col(self, x: Any) -> Any:
-        """(N, C, H, W) -> (N, C·kh·kw, oh·ow); a free reshape for 1x1 stride-1 unpadded kernels."""
-        if self.kernel == (1, 1) and self.stride == (1, 1) and self.pad == (0, 0):
-            return x.reshape(x.shape[0], x.shape[1], -1)
-        return self.backend.im2col(x, *self.kernel, *self.stride, *self.pad, *self.dilation)
+        return self.geom.im2col(self.backend, x)
 
     def _col2im(self, col: Any, shape: tuple[int, ...]) -> Any:
-        if self.kernel == (1, 1) and self.stride == (1, 1) and self.pad == (0, 0):
-            return col.reshape(shape)
-        return self.backend.col2im(col, shape, *self.kernel, *self.stride, *self.pad,
-                                   *self.dilation)
+        return self.geom.col2im(self.backend, col, shape)
+
+    def _grouped_weights(self) -> Any:
+        g = self.group
+        return self.blobs[0].data.reshape(g, self.conv_out // g, -1)  # (G, out/G, K/G)
+
+    def _apply(self, col: Any, shape: tuple[int, ...]) -> Any:
+        """W · col for columns (N, K, P) of a convolution-view input: the (N, conv_out, oh, ow)
+        convolution-view output, in ``shape``."""
+        n, g = col.shape[0], self.group
+        y = self.xp.matmul(self._grouped_weights(), col.reshape(n, g, -1, col.shape[-1]))
+        return y.reshape(shape)  # (N, G, out/G, P) -> (N, conv_out, oh, ow)
+
+    def _apply_t(self, dy: Any, shape: tuple[int, ...]) -> Any:
+        """col2im(Wᵀ · dy): a convolution-view output (N, conv_out, oh, ow) taken back to the
+        convolution-view input of ``shape``."""
+        n, g = dy.shape[0], self.group
+        dcol = self.xp.matmul(self._grouped_weights().swapaxes(-1, -2),
+                              dy.reshape(n, g, self.conv_out // g, -1))  # (N, G, K/G, P)
+        return self._col2im(dcol.reshape(n, -1, dcol.shape[-1]), shape)
+
+    def _weight_grad(self, col: Any, y: Any) -> None:
+        """dW += Σ_n y · colᵀ per group, for columns (N, K, P) and a convolution-view output
+        (gradient) y (N, conv_out, oh, ow)."""
+        n, g, weight = col.shape[0], self.group, self.blobs[0]
+        yg = y.reshape(n, g, self.conv_out // g, -1)  # (N, G, out/G, P)
+        colg = col.reshape(n, g, -1, col.shape[-1])  # (N, G, K/G, P)
+        weight.diff += self.xp.matmul(yg, colg.swapaxes(-1, -2)).sum(axis=0).reshape(
+            weight.shape)
+
+    def _add_bias(self, t: Blob) -> None:
+        if self.bias_term:
+            t.data += self.blobs[1].data.reshape(1, -1, 1, 1)
+
+    def _bias_grad(self, t: Blob) -> None:
+        if self.bias_term:
+            self.blobs[1].diff += t.diff.sum(axis=(0, 2, 3))
+
+
+@register
+class Convolution(_ConvolutionBase):
+    """y[n, o] = Σ_c W[o, c] ⋆ x[n, g·C/G + c] + b[o] for o in group g (cross-correlation).
+
+    Params: num_output, bias_term, kernel/stride/pad/dilation (one value or h, w), group.
+    Blobs: W (num_output, C/group, kh, kw) and b (num_output). Every bottom i gives top i
+    through the same weights. Output size: floor((in + 2p − (d(k−1) + 1)) / s) + 1.
+    Backward: dW += Σ dy·colᵀ, db += Σ dy, dx = col2im(Wᵀ·dy).
+    """
+
+    type = "Convolution"
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        super().setup(bottom, top)
+        self._cols: list[Any] = []
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        g = self.group
-        w = self.blobs[0].data.reshape(g, self.num_output // g, -1)  # (G, O/G, K/G)
         # Backward reuses the columns in TRAIN; TEST nets recompute them rather than hold them.
         self._cols = []
         for b, t in zip(bottom, top, strict=True):
-            n = b.shape[0]
             col = self._im2col(b.data)  # (N, K, P)
             if self.phase == PHASE_TRAIN:
                 self._cols.append(col)
-            y = self.xp.matmul(w, col.reshape(n, g, -1, col.shape[-1]))  # (N, G, O/G, P)
-            t.data[...] = y.reshape(t.shape)
-            if self.bias_term:
-                t.data += self.blobs[1].data.reshape(1, -1, 1, 1)
+            t.data[...] = self._apply(col, t.shape)
+            self._add_bias(t)
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
-        g = self.group
-        weight = self.blobs[0]
-        w = weight.data.reshape(g, self.num_output // g, -1)  # (G, O/G, K/G)
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
-            n = t.shape[0]
-            dy = t.diff.reshape(n, g, self.num_output // g, -1)  # (N, G, O/G, P)
             col = self._cols[i] if self._cols else self._im2col(b.data)
-            col = col.reshape(n, g, -1, col.shape[-1])  # (N, G, K/G, P)
-            if self.bias_term:
-                self.blobs[1].diff += t.diff.sum(axis=(0, 2, 3))
-            weight.diff += self.xp.matmul(dy, col.swapaxes(-1, -2)).sum(axis=0).reshape(
-                weight.shape)
+            self._bias_grad(t)
+            self._weight_grad(col, t.diff)
             if propagate_down[i]:
-                dcol = self.xp.matmul(w.swapaxes(-1, -2), dy)  # (N, G, K/G, P)
-                b.diff[...] = self._col2im(dcol.reshape(n, -1, dcol.shape[-1]), b.shape)
+                b.diff[...] = self._apply_t(t.diff, b.shape)
+
+
+@register
+class Deconvolution(_ConvolutionBase):
+    """The transpose of Convolution (Caffe's DeconvolutionLayer): y = col2im(Wᵀ·x) + b.
+
+    Params: as Convolution (num_output, bias_term, kernel/stride/pad/dilation, group).
+    Blobs: W (C, num_output/group, kh, kw), as Caffe, and b (num_output).
+    Output size: s(in − 1) + d(k − 1) + 1 − 2p. Each input pixel scatters a W-weighted kernel
+    footprint into the output; overlapping footprints add.
+    Backward: col = im2col(dy); dW += Σ x·colᵀ, db += Σ dy, dx = W·col.
+    """
+
+    type = "Deconvolution"
+    reverse = True
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        for b, t in zip(bottom, top, strict=True):
+            t.data[...] = self._apply_t(b.data, t.shape)
+            self._add_bias(t)
+
+    def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
+                 bottom: Sequence[Blob]) -> None:
+        for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
+            col = self._im2col(t.diff)  # (N, num_output·kh·kw, H·W)
+            self._bias_grad(t)
+            self._weight_grad(col, b.data)
+            if propagate_down[i]:
+                b.diff[...] = self._apply(col, b.shape)
+
+
+@register
+class Im2col(Layer):
+    """The im2col column buffer as a blob: (N, C, H, W) -> (N, C·kh·kw, oh, ow), channel
+    index c·kh·kw + i·kw + j holding x[n, c, y·sh − ph + i·dh, x·sw − pw + j·dw] (0 in the
+    padding), as Caffe's Im2colLayer.
+
+    Params: convolution_param kernel/stride/pad/dilation (num_output, group and the fillers
+    are ignored). Output size as Convolution's. Backward: dx = col2im(dy).
+    """
+
+    type = "Im2col"
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        self.geom = _ConvGeometry.parse(self.param.convolution_param, self.type)
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        _check_4d(bottom, self.type)
+        if top[0] is bottom[0]:
+            raise LayerError("Im2col does not allow in-place computation")
+        n, c, h, w = bottom[0].shape
+        oh, ow = self.geom.conv_out(h, w)
+        kh, kw = self.geom.kernel
+        top[0].reshape((n, c * kh * kw, oh, ow))
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        top[0].data[...] = self.geom.im2col(self.backend, bottom[0].data).reshape(top[0].shape)
+
+    def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
+                 bottom: Sequence[Blob]) -> None:
+        if propagate_down[0]:
+            dy = top[0].diff
+            bottom[0].diff[...] = self.geom.col2im(
+                self.backend, dy.reshape(dy.shape[0], dy.shape[1], -1), bottom[0].shape)
 
 
 PP = pb.PoolingParameter
@@ -325,3 +489,108 @@ class Pooling(Layer):
                 g = dy if self.method == PP.AVE else dy * (self._argmax == i * kw + j)
                 _strided(gpad, i, j, *self.stride, oh, ow)[...] += g
         bottom[0].diff[...] = gpad[:, :, ph:ph + h, pw:pw + w]
+
+
+SPPP = pb.SPPParameter
+
+
+@register
+class SPP(Layer):
+    """Spatial pyramid pooling (Caffe's SPPLayer): level i pools the input into 2^i x 2^i bins
+    with kernel k = ceil(H / 2^i), stride k and pad (k·2^i − H + 1) // 2 (likewise for W),
+    each level an ordinary Pooling layer with that geometry (CEIL rounding); the levels are
+    flattened per image and concatenated, coarsest first.
+
+    Params: spp_param pyramid_height (≥ 1), pool MAX or AVE. Top: (N, C·Σ_i 4^i), or the single
+    level's (N, C, 1, 1) when pyramid_height is 1 (as Caffe, which then skips flatten/concat).
+    Caffe's Pooling refuses a level whose pad reaches its kernel (e.g. 4 bins over 5 pixels);
+    so does this layer. Backward: the sum of the levels' Pooling backwards.
+    """
+
+    type = "SPP"
+    exact_bottoms = 1
+    exact_tops = 1
+
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        p = self.param.spp_param
+        if p.pool == SPPP.STOCHASTIC:
+            raise LayerError("STOCHASTIC pooling is GPU-only in Caffe and not supported")
+        if p.pyramid_height < 1:
+            raise LayerError("spp_param.pyramid_height must be at least 1, got "
+                             f"{p.pyramid_height}")
+        self.pyramid_height = int(p.pyramid_height)
+        self.method = PP.MAX if p.pool == SPPP.MAX else PP.AVE
+        self._levels: list[tuple[Pooling, Blob]] = []
+        self._built_for: tuple[int, int] | None = None
+
+    @staticmethod
+    def level_geometry(level: int, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(kernel, pad) of pyramid level ``level`` over an h x w input (the stride is the
+        kernel): Caffe's SPPLayer::GetPoolingParam."""
+        bins = 2 ** level
+        kh, kw = -(-h // bins), -(-w // bins)
+        return (kh, kw), ((kh * bins - h + 1) // 2, (kw * bins - w + 1) // 2)
+
+    def _build(self, bottom: Blob) -> None:
+        h, w = bottom.shape[2:]
+        if h < 1 or w < 1:
+            raise LayerError(f"SPP needs a non-empty input, got {h}x{w}")
+        self._levels = []
+        for i in range(self.pyramid_height):
+            (kh, kw), (ph, pw) = self.level_geometry(i, h, w)
+            lp = pb.LayerParameter(name=f"{self.name}_level{i}", type="Pooling")
+            pp = lp.pooling_param
+            pp.pool = self.method
+            pp.kernel_h, pp.kernel_w, pp.stride_h, pp.stride_w = kh, kw, kh, kw
+            pp.pad_h, pp.pad_w = ph, pw
+            pool, out = Pooling(lp, self.ctx), self.make_blob(())
+            try:
+                pool.setup([bottom], [out])
+            except LayerError as e:
+                bins = 2 ** i
+                raise LayerError(f"pyramid level {i} cannot pool a {h}x{w} input into "
+                                 f"{bins}x{bins} bins: {e}") from None
+            self._levels.append((pool, out))
+        self._built_for = (h, w)
+
+    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        _check_4d(bottom, "SPP")
+        if top[0] is bottom[0]:
+            raise LayerError("SPP does not allow in-place computation")
+        if self._built_for != bottom[0].shape[2:]:
+            self._build(bottom[0])
+        for pool, out in self._levels:
+            pool.reshape(bottom, [out])
+        if self.pyramid_height == 1:
+            top[0].reshape(self._levels[0][1].shape)
+        else:
+            top[0].reshape((bottom[0].shape[0], self._slices()[-1][2].stop))
+
+    def _slices(self) -> list[tuple[Pooling, Blob, slice]]:
+        """Each level's Pooling, its top, and its columns in the (N, total) top."""
+        out, offset = [], 0
+        for pool, level_top in self._levels:
+            c, oh, ow = level_top.shape[1:]
+            out.append((pool, level_top, slice(offset, offset + c * oh * ow)))
+            offset += c * oh * ow
+        return out
+
+    def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        n, parts = bottom[0].shape[0], []
+        for pool, level_top, cols in self._slices():
+            pool.forward(bottom, [level_top])
+            parts.append(level_top.data.reshape(n, cols.stop - cols.start))
+        top[0].data[...] = self.xp.concatenate(parts, axis=1).reshape(top[0].shape)
+
+    def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
+                 bottom: Sequence[Blob]) -> None:
+        if not propagate_down[0]:
+            return
+        slices = self._slices()
+        dy = top[0].diff.reshape(bottom[0].shape[0], slices[-1][2].stop)
+        total = self.xp.zeros(bottom[0].shape, dtype=bottom[0].diff.dtype)
+        for pool, level_top, cols in slices:
+            level_top.diff[...] = dy[:, cols].reshape(level_top.shape)
+            pool.backward([level_top], [True], bottom)  # writes bottom's diff
+            total += bottom[0].diff
+        bottom[0].diff[...] = total
