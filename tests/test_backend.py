@@ -50,3 +50,55 @@ def test_pad() -> None:
     assert p.shape == (1, 1, 5, 6)
     assert p[0, 0, 1, 2] == 1 and p[0, 0, 0, 0] == -1 and p.sum() == 4 - (30 - 4)
     assert B.pad(x, 0, 0) is x
+
+
+# -- compiled kernels (numba) against the NumPy paths ------------------------------------------
+
+kernels_available = pytest.mark.skipif(not NumpyBackend().compiled,
+                                       reason="numba not installed (netforge[fast])")
+BIG = [  # large enough for the compiled path
+    (8, 16, 20, 18, 5, 5, 1, 1, 0, 0, 1, 1),
+    (6, 12, 17, 19, 3, 3, 2, 2, 2, 1, 1, 1),
+    (4, 8, 24, 24, 3, 2, 1, 2, 1, 0, 2, 1),
+]
+
+
+@kernels_available
+@pytest.mark.parametrize("case", BIG)
+def test_compiled_im2col_col2im_match_numpy(case: tuple[int, ...]) -> None:
+    n, c, h, w, *k = case
+    fast, slow = NumpyBackend("float64"), NumpyBackend("float64", compiled=False)
+    x = np.random.default_rng(2).normal(size=(n, c, h, w))
+    cols = fast.im2col_cnhw(x, *k)
+    assert fast.use_compiled(cols.size)
+    np.testing.assert_array_equal(cols, slow.im2col_cnhw(x, *k))
+    d = np.random.default_rng(3).normal(size=cols.shape)
+    np.testing.assert_allclose(fast.col2im_cnhw(d, x.shape, *k, out=np.empty(x.shape)),
+                               slow.col2im_cnhw(d, x.shape, *k), rtol=1e-12, atol=1e-12)
+
+
+@kernels_available
+@pytest.mark.parametrize("pool", ["MAX", "AVE"])
+@pytest.mark.parametrize("geometry", [
+    "kernel_size: 2 stride: 2", "kernel_size: 3 stride: 2", "kernel_size: 3 stride: 2 pad: 1",
+    "kernel_h: 3 kernel_w: 2 stride_h: 1 stride_w: 2 pad_h: 1 pad_w: 0"])
+def test_compiled_pooling_matches_numpy(pool: str, geometry: str) -> None:
+    from netforge.blob import Blob
+    from tests.helpers import make_layer
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(8, 16, 21, 20)).round(1)  # rounding makes ties: first max must win
+    outs = []
+    for compiled in (True, False):
+        layer = make_layer("Pooling", f"pooling_param {{ pool: {pool} {geometry} }}")
+        layer.backend = NumpyBackend("float64", compiled=compiled)
+        bottom, tops = Blob(layer.backend, x.shape), [Blob(layer.backend)]
+        bottom.data[...] = x
+        layer.setup([bottom], tops)
+        layer.reshape([bottom], tops)
+        layer.forward([bottom], tops)
+        tops[0].diff[...] = rng.normal(size=tops[0].shape) if not outs else outs[0][2]
+        layer.backward(tops, [True], [bottom])
+        outs.append((tops[0].data.copy(), bottom.diff.copy(), tops[0].diff.copy()))
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-12)
+    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-12, atol=1e-12)

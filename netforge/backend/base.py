@@ -17,6 +17,12 @@ class Backend:
 
     name = "abstract"
     xp: Any
+    # True when the backend has compiled pooling kernels (max_pool, ave_pool, ...).
+    compiled = False
+
+    def use_compiled(self, size: int) -> bool:
+        """Whether an operation over ``size`` elements should use the compiled kernels."""
+        return False
 
     def __init__(self, dtype: str = "float32"):
         self.dtype = np.dtype(dtype)

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from netforge.backend import kernels
 from netforge.backend.base import Backend
 
 
@@ -16,8 +17,21 @@ def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
 
 
 class NumpyBackend(Backend):
+    """NumPy arrays; with numba installed (netforge[fast]) the column and pooling loops run
+    as compiled kernels on every core (``compiled=False`` forces the pure-NumPy paths)."""
+
     name = "numpy"
     xp = np
+
+    def __init__(self, dtype: str = "float32", compiled: bool | None = None):
+        super().__init__(dtype)
+        self.compiled = kernels.AVAILABLE if compiled is None else compiled and kernels.AVAILABLE
+
+    # Below this many elements a kernel launch costs more than NumPy's loops.
+    compiled_min = 32768
+
+    def use_compiled(self, size: int) -> bool:
+        return self.compiled and size >= self.compiled_min
 
     def sliding_windows(self, x: np.ndarray, kh: int, kw: int, sh: int, sw: int,
                         oh: int, ow: int, dh: int = 1, dw: int = 1) -> np.ndarray:
@@ -63,10 +77,12 @@ class NumpyBackend(Backend):
         n, c, h, w = x.shape
         oh = conv_out_size(h, kh, sh, ph, dh)
         ow = conv_out_size(w, kw, sw, pw, dw)
-        win = self.sliding_windows(self.pad(x, ph, pw), kh, kw, sh, sw, oh, ow, dh, dw)
         shape = (c * kh * kw, n * oh * ow)
         if out is None or out.shape != shape or out.dtype != x.dtype:
             out = np.empty(shape, dtype=x.dtype)
+        if self.use_compiled(out.size):
+            return kernels.im2col(x, out, (kh, kw, sh, sw, ph, pw, dh, dw), oh, ow)
+        win = self.sliding_windows(self.pad(x, ph, pw), kh, kw, sh, sw, oh, ow, dh, dw)
         np.copyto(out.reshape(c, kh, kw, n, oh, ow), win.transpose(1, 2, 3, 0, 4, 5))
         return out
 
@@ -78,6 +94,11 @@ class NumpyBackend(Backend):
         n, c, h, w = shape
         oh = conv_out_size(h, kh, sh, ph, dh)
         ow = conv_out_size(w, kw, sw, pw, dw)
+        if self.use_compiled(col.size):
+            if out is None or out.shape != tuple(shape) or out.dtype != col.dtype \
+                    or not out.flags.c_contiguous:
+                out = np.empty(tuple(shape), dtype=col.dtype)
+            return kernels.col2im(col, out, (kh, kw, sh, sw, ph, pw, dh, dw), oh, ow)
         cols = col.reshape(c, kh, kw, n, oh, ow).transpose(3, 0, 1, 2, 4, 5)
         padded = (n, c, h + 2 * ph, w + 2 * pw)
         if ph or pw or out is None or out.shape != padded:
@@ -98,6 +119,23 @@ class NumpyBackend(Backend):
                 return out
             return inner
         return acc
+
+    # Pooling kernels (only when ``compiled``); geometry = (kh, kw, sh, sw, ph, pw).
+    def max_pool(self, x: np.ndarray, best: np.ndarray, arg: np.ndarray,
+                 geometry: tuple[int, ...]) -> None:
+        kernels.max_pool(x, best, arg, geometry)
+
+    def max_pool_backward(self, dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
+                          geometry: tuple[int, ...]) -> None:
+        kernels.max_pool_backward(dy, arg, dx, geometry)
+
+    def ave_pool(self, x: np.ndarray, out: np.ndarray, size: np.ndarray,
+                 geometry: tuple[int, ...]) -> None:
+        kernels.ave_pool(x, out, size, geometry)
+
+    def ave_pool_backward(self, dy: np.ndarray, dx: np.ndarray, size: np.ndarray,
+                          geometry: tuple[int, ...]) -> None:
+        kernels.ave_pool_backward(dy, dx, size, geometry)
 
     def scatter_add(self, target: np.ndarray, flat_index: Any, values: Any) -> None:
         """target.flat[flat_index] += values, summing repeated indices."""

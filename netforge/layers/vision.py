@@ -451,13 +451,31 @@ class Pooling(Layer):
         # it averages to 0 here rather than Caffe's 0/0.
         return xp.maximum(size_h[:, None] * size_w[None, :], 1).astype(self.backend.dtype)
 
+    def _compiled(self, x: Any) -> bool:
+        """Use the backend's compiled kernels (numba) for windowed pooling."""
+        return self.backend.use_compiled(x.size) and not self._single_window(x)
+
+    def _geometry(self) -> tuple[int, ...]:
+        return (*self.kernel, *self.stride, *self.pad)
+
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         x = bottom[0].data
         if self.method == PP.AVE:
-            top[0].data[...] = self._average(x)
+            if self._compiled(x):
+                self.backend.ave_pool(x, top[0].data, self._pool_size(*x.shape[2:]),
+                                      self._geometry())
+            else:
+                top[0].data[...] = self._average(x)
             return
-        best, self._argmax = self._max(x)  # _argmax: window offset i·kw + j, -1 if empty
-        top[0].data[...] = best
+        if self._compiled(x):
+            arg = getattr(self, "_argmax", None)
+            if arg is None or arg.shape != top[0].shape:
+                arg = self.xp.empty(top[0].shape, dtype=self.xp.int32)
+            self.backend.max_pool(x, top[0].data, arg, self._geometry())
+            self._argmax = arg
+        else:
+            best, self._argmax = self._max(x)  # _argmax: window offset i·kw + j, -1 if empty
+            top[0].data[...] = best
         if len(top) > 1:  # the mask: flat index h·W + w of each max in its input plane
             kw, (sh, sw), (ph, pw), (oh, ow) = self.kernel[1], self.stride, self.pad, self.out
             arg, xp = self._argmax, self.xp
@@ -508,6 +526,14 @@ class Pooling(Layer):
             else:
                 g = (xp.arange(h * w) == self._argmax.reshape(n, c, 1)) * dy.reshape(n, c, 1)
             bottom[0].diff[...] = g.reshape(x.shape)
+            return
+        if self._compiled(x):
+            if self.method == PP.AVE:
+                self.backend.ave_pool_backward(dy, bottom[0].diff, self._pool_size(h, w),
+                                               self._geometry())
+            else:
+                self.backend.max_pool_backward(dy, self._argmax, bottom[0].diff,
+                                               self._geometry())
             return
         if self.method == PP.AVE:
             dy = dy / self._pool_size(h, w)
