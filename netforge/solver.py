@@ -198,6 +198,7 @@ class Solver:
         self._snapshot_now = False
         self.on_iteration: list[Any] = []
         self.last_test: list[dict[str, float]] = []
+        self._scratch: list[Any] = []
         self.early_stop = EarlyStop.from_param(sp, self.test_nets, self.source)
         for w in weights if weights is not None else list(sp.weights):
             for path in w.split(","):
@@ -416,17 +417,29 @@ class Solver:
         self._clip_gradients()
         xp = self.backend.xp
         n = len(self.params)
+        if len(self._scratch) != n:
+            self._scratch = [self.backend.empty(p.blob.shape) for p in self.params]
         for i, p in enumerate(self.params):
-            g = p.blob.diff
+            g, tmp = p.blob.diff, self._scratch[i]
             if sp.iter_size > 1:
                 g *= 1.0 / sp.iter_size
             decay = sp.weight_decay * p.decay_mult
             if decay:
                 if sp.regularization_type == "L2":
-                    g += decay * p.blob.data
+                    xp.multiply(p.blob.data, decay, out=tmp)
                 else:
-                    g += decay * xp.sign(p.blob.data)
-            self._update_value(i, n, g, rate * p.lr_mult)
+                    xp.sign(p.blob.data, out=tmp)
+                    tmp *= decay
+                g += tmp
+            lr = rate * p.lr_mult
+            if self.type == "SGD":  # the common case, without temporaries: h = m·h + lr·g
+                h = self.history[i]
+                h *= sp.momentum
+                xp.multiply(g, lr, out=tmp)
+                h += tmp
+                p.blob.data -= h
+                continue
+            self._update_value(i, n, g, lr)
             p.blob.data -= g
 
     def _update_value(self, i: int, n: int, g: Any, lr: float) -> None:
