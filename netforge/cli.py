@@ -295,11 +295,19 @@ def gradcheck(model: str, layers: tuple[str, ...], phase: str, weights: str | No
                    "(4,000 train / 1,000 test).")
 @click.option("--out-dir", default="data/mnist", show_default=True,
               type=click.Path(file_okay=False),
-              help="Where --from-dir/--download/--sample write mnist_{train,test}_lmdb.")
+              help="Where --from-dir/--download/--sample write mnist_{train,test}_lmdb "
+                   "(mnist_siamese_{train,test}_lmdb with --siamese).")
+@click.option("--siamese", is_flag=True,
+              help="Write random image pairs for the siamese example instead "
+                   "(Caffe's convert_mnist_siamese_data): 2-channel Datums, label 1 when the "
+                   "two digits are equal, else 0.")
+@click.option("--seed", default=None, type=int,
+              help="Seed of the --siamese pair draws [default: 0]; the test pairs of "
+                   "--from-dir/--download/--sample use SEED+1.")
 @click.option("--overwrite", is_flag=True, help="Replace existing databases.")
 def convert_mnist_cmd(images: str | None, labels: str | None, out_db: str | None,
                       from_dir: str | None, download: bool, sample: bool, out_dir: str,
-                      overwrite: bool) -> None:
+                      siamese: bool, seed: int | None, overwrite: bool) -> None:
     """Convert MNIST IDX files to LMDB in Caffe's layout (keys %08d, Datum values).
 
     \b
@@ -307,6 +315,7 @@ def convert_mnist_cmd(images: str | None, labels: str | None, out_db: str | None
     netforge convert-mnist --from-dir DIR [--out-dir data/mnist]
     netforge convert-mnist --download [--out-dir data/mnist]
     netforge convert-mnist --sample [--out-dir data/mnist]
+    Add --siamese [--seed N] to any of them for the siamese pairs.
     """
     from netforge.data import mnist
 
@@ -315,19 +324,27 @@ def convert_mnist_cmd(images: str | None, labels: str | None, out_db: str | None
     if modes != 1:
         raise ConfigError("give IMAGES LABELS OUT_DB, or exactly one of --from-dir, --download, "
                           "--sample")
+    if seed is not None and not siamese:
+        raise ConfigError("--seed only applies to --siamese (the pair draws)")
+    pair_seed = 0 if seed is None else seed
     if images is not None:
         if labels is None or out_db is None:
             raise ConfigError("convert-mnist IMAGES LABELS OUT_DB needs all three arguments")
-        n = mnist.convert_mnist(images, labels, out_db, overwrite=overwrite)
+        if siamese:
+            n = mnist.convert_mnist_siamese(images, labels, out_db, seed=pair_seed,
+                                            overwrite=overwrite)
+        else:
+            n = mnist.convert_mnist(images, labels, out_db, overwrite=overwrite)
         log.info("Processed %d files.", n)
         return
     if download:
         from_dir = str(Path(out_dir) / "raw")
         mnist.download_mnist(from_dir)
     if from_dir is not None:
-        mnist.convert_mnist_dir(from_dir, out_dir, overwrite=overwrite)
+        mnist.convert_mnist_dir(from_dir, out_dir, overwrite=overwrite, siamese=siamese,
+                                seed=pair_seed)
     else:
-        mnist.prepare_sample(out_dir, overwrite=overwrite)
+        mnist.prepare_sample(out_dir, overwrite=overwrite, siamese=siamese, pair_seed=pair_seed)
 
 
 # ---------------------------------------------------------------------------------------------
