@@ -102,3 +102,34 @@ def test_compiled_pooling_matches_numpy(pool: str, geometry: str) -> None:
         outs.append((tops[0].data.copy(), bottom.diff.copy(), tops[0].diff.copy()))
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-12)
     np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("params", ["num_output: 4 kernel_size: 3 pad: 1",
+                                    "num_output: 6 kernel_size: 2 stride: 2 group: 2"])
+def test_convolution_in_chunks_equals_whole_batch(monkeypatch: pytest.MonkeyPatch,
+                                                  params: str) -> None:
+    """Convolution processes big batches in chunks of images; the result must not depend on
+    the chunking (budget of one image vs the whole batch at once)."""
+    from netforge.layers.vision import _ConvolutionBase
+    from tests.helpers import blob, make_layer, tops
+
+    results = []
+    for budget in (1 << 30, 1):
+        monkeypatch.setattr(_ConvolutionBase, "COLUMN_BUDGET", budget)
+        layer = make_layer("Convolution", f"convolution_param {{ {params} "
+                                          "weight_filler { type: 'gaussian' } "
+                                          "bias_filler { type: 'gaussian' } }")
+        bottom, top = [blob((5, 4, 7, 6))], tops(1)
+        layer.setup(bottom, top)
+        layer.reshape(bottom, top)
+        assert len(layer._chunks(bottom[0].data)) == (1 if budget > 1 else 5)
+        layer.forward(bottom, top)
+        top[0].diff[...] = np.random.default_rng(5).normal(size=top[0].shape)
+        layer.backward(top, [True], bottom)
+        results.append((top[0].data.copy(), bottom[0].diff.copy(),
+                        [b.diff.copy() for b in layer.blobs]))
+    (y1, dx1, dw1), (y2, dx2, dw2) = results
+    np.testing.assert_allclose(y1, y2, rtol=1e-12)
+    np.testing.assert_allclose(dx1, dx2, rtol=1e-12, atol=1e-14)
+    for a, b in zip(dw1, dw2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
