@@ -149,7 +149,7 @@ SOLVER_SETTINGS = {
 
 
 @pytest.mark.parametrize("kind", list(SOLVER_SETTINGS))
-@pytest.mark.parametrize("iters", [1, 4])
+@pytest.mark.parametrize("iters", [1, 4, 10])
 def test_update_rules_match_reference(kind: str, iters: int) -> None:
     text = f'type: "{kind}" ' + SOLVER_SETTINGS[kind]
     solver = least_squares(text)
