@@ -350,6 +350,20 @@ def convert_mnist_cmd(images: str | None, labels: str | None, out_db: str | None
 # ---------------------------------------------------------------------------------------------
 
 
+def _load_command_modules() -> None:
+    """Import netforge/commands/*.py: each registers its subcommands on ``cli``."""
+    import importlib
+    import pkgutil
+
+    from netforge import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"netforge.commands.{info.name}")
+
+
+_load_command_modules()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI and turns netforge errors into one line and an exit code."""
     try:
