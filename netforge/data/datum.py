@@ -1,4 +1,5 @@
-"""Datum <-> array: Caffe's record for one image (C×H×W uint8 bytes or float_data) and label."""
+"""Datum <-> array: Caffe's record for one image (C×H×W uint8 bytes, float_data, or the bytes of
+an encoded PNG/JPEG file, decoded with Pillow: ``pip install 'netforge[images]'``) and label."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import numpy as np
 
 from netforge.errors import ConfigError
 from netforge.proto import pb
-
-ENCODED_UNSUPPORTED = "encoded images are not supported yet"
 
 
 def datum_shape(datum: pb.Datum) -> tuple[int, int, int]:
@@ -24,11 +23,16 @@ def parse_datum(value: bytes, key: bytes | str = "") -> pb.Datum:
     return datum
 
 
-def datum_to_array(datum: pb.Datum) -> tuple[np.ndarray, int]:
+def datum_to_array(datum: pb.Datum, color: bool | None = None,
+                   key: bytes | str = "") -> tuple[np.ndarray, int]:
     """(pixels of shape (C, H, W), label): uint8 from ``data``, or float32 from ``float_data``
-    when ``data`` is empty (Caffe's rule)."""
+    when ``data`` is empty (Caffe's rule). An encoded Datum is decoded: in colour (3 channels,
+    BGR) when ``color`` is True, grey (1 channel) when False, as stored when None; ``key`` names
+    the record in errors."""
     if datum.encoded:
-        raise ConfigError(ENCODED_UNSUPPORTED)
+        from netforge.data.images import decode_datum
+
+        return decode_datum(datum, color, key), int(datum.label)
     shape = datum_shape(datum)
     size = shape[0] * shape[1] * shape[2]
     if datum.data:

@@ -5,6 +5,10 @@ Per output element, with p the source pixel at (c, h + h_off, w + w_off):
 ``mean_value[c]`` (one value serves every channel), or 0. The crop offset is random in TRAIN
 (``h_off`` uniform in [0, H − crop]) and centred in TEST; mirroring (when ``mirror`` is set) is a
 coin flip per image in both phases.
+
+``force_color`` / ``force_gray`` only concern encoded Datums (Caffe's DecodeDatumToCVMat): they
+are decoded to 3 channels (BGR) or 1; without either, as stored (DecodeDatumToCVMatNative).
+``decode_color`` gives the choice.
 """
 
 from __future__ import annotations
@@ -25,6 +29,23 @@ def needs_rng(param: pb.TransformationParameter, phase: int) -> bool:
     return bool(param.mirror or (param.crop_size and phase == PHASE_TRAIN))
 
 
+def decode_color(param: pb.TransformationParameter,
+                 force_encoded_color: bool = False) -> bool | None:
+    """How encoded images are decoded: True (3 channels, BGR) for ``force_color`` or
+    data_param.force_encoded_color, False (1 channel) for ``force_gray``, None (as stored)
+    otherwise; ConfigError when both ways are forced."""
+    if param.force_color and param.force_gray:
+        raise ConfigError("transform_param: cannot set both force_color and force_gray")
+    if param.force_gray:
+        if force_encoded_color:
+            raise ConfigError("data_param.force_encoded_color and transform_param.force_gray "
+                              "contradict each other")
+        return False
+    if param.force_color or force_encoded_color:
+        return True
+    return None
+
+
 class DataTransformer:
     """Applies a TransformationParameter to (N, C, H, W) batches of uint8 or float pixels."""
 
@@ -37,6 +58,7 @@ class DataTransformer:
                              "(load_mean_file) to DataTransformer")
         self.param = param
         self.phase = phase
+        self.color = decode_color(param)  # for encoded inputs; checks force_color/force_gray
         self.scale = np.float32(param.scale)
         self.crop = int(param.crop_size)
         self.mirror = bool(param.mirror)

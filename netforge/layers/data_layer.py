@@ -5,6 +5,10 @@ of the database reading restarts from the first record ("Restarting data prefetc
 start."). Each batch is decoded with one ``np.frombuffer`` over the joined records and
 transformed in one vectorised call.
 
+Encoded records (PNG/JPEG bytes, ``encoded: true``) are decoded with Pillow (the optional
+``netforge[images]`` extra): as stored, or in colour (3 channels, BGR) with
+transform_param.force_color or data_param.force_encoded_color, or grey with force_gray.
+
 For deterministic resume, ``get_state`` gives the record index of the next batch the net will
 consume (batches prefetched but not consumed do not count) and the transformer's RNG state;
 ``set_state`` restarts prefetching from there. The transformer's RNG is seeded once from the
@@ -25,9 +29,10 @@ from typing import Any
 import numpy as np
 
 from netforge.blob import Blob
-from netforge.data.datum import ENCODED_UNSUPPORTED, datum_shape
+from netforge.data.datum import datum_shape
 from netforge.data.db import LmdbReader, RecordCursor
-from netforge.data.transformer import DataTransformer, load_mean_file, needs_rng
+from netforge.data.images import decode_datum
+from netforge.data.transformer import DataTransformer, decode_color, load_mean_file, needs_rng
 from netforge.errors import ConfigError
 from netforge.layers.base import Layer, LayerError, register, shape_str
 from netforge.proto import pb
@@ -47,8 +52,9 @@ class _BatchReader:
     """Reads and transforms one batch at a time from a wrapping cursor."""
 
     def __init__(self, reader: LmdbReader, transformer: DataTransformer, batch_size: int,
-                 shape: tuple[int, int, int]):
+                 shape: tuple[int, int, int], color: bool | None = None):
         self.reader = reader
+        self.color = color
         self.transformer = transformer
         self.batch_size = batch_size
         self.shape = shape
@@ -71,7 +77,15 @@ class _BatchReader:
 
     def _pixels(self, key: bytes, datum: pb.Datum) -> bytes | np.ndarray:
         if datum.encoded:
-            raise LayerError(f"record {_key(key)}: {ENCODED_UNSUPPORTED}")
+            pixels = decode_datum(datum, self.color, key)
+            if pixels.shape != self.shape:
+                hint = ""
+                if pixels.shape[1:] == self.shape[1:]:
+                    hint = ("; the encoded images mix colour and grey: set "
+                            "transform_param.force_color or force_gray")
+                raise LayerError(f"record {_key(key)} decodes to {shape_str(pixels.shape)} but "
+                                 f"the first record to {shape_str(self.shape)}{hint}")
+            return pixels
         if datum_shape(datum) != self.shape:
             raise LayerError(f"record {_key(key)} has shape {shape_str(datum_shape(datum))} but "
                              f"the first record has {shape_str(self.shape)}; all records of a "
@@ -87,8 +101,11 @@ class _BatchReader:
     def _stack(chunks: list[bytes | np.ndarray]) -> np.ndarray:
         if all(isinstance(c, bytes) for c in chunks):
             return np.frombuffer(b"".join(chunks), dtype=np.uint8)  # type: ignore[arg-type]
-        return np.concatenate([np.frombuffer(c, dtype=np.uint8) if isinstance(c, bytes) else c
-                               for c in chunks]).astype(np.float32)
+        arrays = [np.frombuffer(c, dtype=np.uint8) if isinstance(c, bytes) else c.ravel()
+                  for c in chunks]
+        if all(a.dtype == np.uint8 for a in arrays):
+            return np.concatenate(arrays)
+        return np.concatenate(arrays).astype(np.float32)
 
 
 class _Prefetcher:
@@ -153,16 +170,18 @@ def _key(key: bytes) -> str:
     return repr(key.decode(errors="replace"))
 
 
-def _transform_param(param: pb.LayerParameter) -> pb.TransformationParameter:
-    """transform_param, with the deprecated data_param scale/mean_file/crop_size/mirror moved
-    into it where transform_param does not set them (Caffe's upgrade does the same)."""
+def _transform_param(param: pb.LayerParameter, section: str = "data_param"
+                     ) -> pb.TransformationParameter:
+    """transform_param, with the deprecated ``section`` (data_param, image_data_param)
+    scale/mean_file/crop_size/mirror moved into it where transform_param does not set them
+    (Caffe's upgrade does the same)."""
     tp = pb.TransformationParameter()
     tp.CopyFrom(param.transform_param)
-    dp = param.data_param
+    dp = getattr(param, section)
     for name in ("scale", "mean_file", "crop_size", "mirror"):
         if dp.HasField(name) and not tp.HasField(name):
-            log.warning("Layer %s: data_param.%s is deprecated; use transform_param.%s",
-                        param.name, name, name)
+            log.warning("Layer %s: %s.%s is deprecated; use transform_param.%s",
+                        param.name, section, name, name)
             setattr(tp, name, getattr(dp, name))
     return tp
 
@@ -187,11 +206,13 @@ class Data(Layer):
         try:
             self.reader = LmdbReader(self.ctx.resolve_path(dp.source), dp.backend)
             self.transformer = self._make_transformer()
+            self.color = decode_color(self.transformer.param, dp.force_encoded_color)
             shape = self._first_shape()
             self.out_shape = (self.batch_size, *self.transformer.output_shape(*shape))
         except ConfigError as e:
             raise LayerError(str(e)) from None
-        self._batches = _BatchReader(self.reader, self.transformer, self.batch_size, shape)
+        self._batches = _BatchReader(self.reader, self.transformer, self.batch_size, shape,
+                                     self.color)
         self._depth = int(dp.prefetch)
         self._prefetcher: _Prefetcher | None = None
         self._finalizer: weakref.finalize | None = None
@@ -213,12 +234,14 @@ class Data(Layer):
             raise LayerError(f"data source {self.reader.path} is empty")
         cursor = self.reader.cursor(0)
         try:
+            key = cursor.key
             datum = pb.Datum()
             datum.ParseFromString(cursor.value)
         finally:
             cursor.close()
         if datum.encoded:
-            raise LayerError(f"{self.reader.path}: {ENCODED_UNSUPPORTED}")
+            c, h, w = decode_datum(datum, self.color, key).shape
+            return c, h, w
         return datum_shape(datum)
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
