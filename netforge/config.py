@@ -354,8 +354,15 @@ def load_net_param(path: str | os.PathLike[str]) -> tuple[pb.NetParameter, Sourc
             param.ParseFromString(Path(path).read_bytes())
         except (OSError, DecodeError) as e:
             raise ConfigError(f"cannot read binary NetParameter: {e}", str(path)) from None
-        return param, SourceMap(str(path))
-    smap = load_message(path, param, "net")
+        smap = SourceMap(str(path))
+    else:
+        smap = load_message(path, param, "net")
+    if len(param.layers):
+        # Caffe's legacy V0/V1 'layers' syntax: upgraded on load, like upgrade_proto.cpp.
+        from netforge.upgrade import upgrade_loaded_net
+
+        upgraded, new_smap = upgrade_loaded_net(param, smap, str(path))
+        return upgraded, new_smap or smap
     return param, smap
 
 

@@ -265,9 +265,11 @@ class Net:
 
     def _build(self, param: pb.NetParameter, smap: SourceMap | None) -> None:
         if len(param.layers):
-            raise ConfigError("this net uses Caffe's legacy V1 'layers' syntax; upgrade it to "
-                              "'layer' entries (Caffe's upgrade_net_proto_text does this)",
-                              smap.where(("layers", 0)) if smap else None)
+            # A V0/V1 NetParameter given directly (files are upgraded by load_net_param).
+            from netforge.upgrade import upgrade_loaded_net
+
+            param, smap = upgrade_loaded_net(param, smap, self.path)
+            self.param, self.source = param, smap
         self._info("Initializing net from parameters: name: %s, phase: %s", param.name,
                    phase_name(self.phase))
         ctx = LayerContext(backend=self.backend, phase=self.phase, rng=self.rng,

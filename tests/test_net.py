@@ -3,6 +3,7 @@ in-place tops, outputs, loss weights, need-backward, param sharing and located b
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -380,10 +381,24 @@ def test_prototxt_build_error_is_located(tmp_path: Path) -> None:
         Net(path, "TRAIN", verbose=False)
 
 
-def test_legacy_v1_layers_are_refused_clearly(tmp_path: Path) -> None:
-    path = write(tmp_path, "v1.prototxt", 'layers { name: "x" type: RELU }\n')
-    with pytest.raises(ConfigError, match="legacy V1 'layers'"):
-        Net(path, "TRAIN", verbose=False)
+def test_legacy_v1_layers_are_upgraded_and_build(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    text = ('input: "x" input_dim: 2 input_dim: 3 input_dim: 1 input_dim: 1\n'
+            'layers { name: "ip" type: INNER_PRODUCT bottom: "x" top: "y" blobs_lr: 1 '
+            'blobs_lr: 2 weight_decay: 1 weight_decay: 0 inner_product_param { num_output: 4 } }\n'
+            'layers { name: "r" type: RELU bottom: "y" top: "y" }\n')
+    path = write(tmp_path, "v1.prototxt", text)
+    with caplog.at_level(logging.WARNING, logger="netforge"):
+        net = Net(path, "TRAIN", verbose=False)
+    assert "upgraded V1 'layers' to 'layer'" in caplog.text
+    assert net.layer_names == ["input", "ip", "r"]
+    assert [lp.type for lp in net.layer_params] == ["Input", "InnerProduct", "ReLU"]
+    assert net.blobs["y"].shape == (2, 4)
+    assert [(p.lr_mult, p.decay_mult) for p in net.learnable_params] == [(1, 1), (2, 0)]
+    # a V1 NetParameter given directly (e.g. a solver's inline net) is upgraded as well
+    param = pb.NetParameter()
+    text_format.Parse(text, param)
+    assert Net(param, "TEST", verbose=False).layer_names == ["input", "ip", "r"]
 
 
 def test_deploy_net_reads_trained_weights(workspace: Path, tmp_path: Path) -> None:
