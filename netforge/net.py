@@ -569,10 +569,11 @@ class Net:
                 for name, blobs in self.params.items()}
 
     def copy_from(self, path: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
-        """Load weights by layer name (fine-tuning). Returns (loaded, ignored) layer names."""
-        from netforge.snapshot import read_weights
+        """Load weights by layer name (fine-tuning) from netforge's .npz or Caffe's
+        .caffemodel. Returns (loaded, ignored) layer names."""
+        from netforge.caffe_io import read_any_weights
 
-        source = read_weights(path)
+        source = read_any_weights(path, [self])
         return self.load_weights(source, str(path))
 
     def load_weights(self, source: Mapping[str, Sequence[np.ndarray]],
@@ -600,9 +601,14 @@ class Net:
         return loaded, ignored
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the weights as .npz (atomically)."""
+        """Write the weights atomically: as Caffe's binary NetParameter when the name ends in
+        .caffemodel, else as .npz."""
+        from netforge.caffe_io import CAFFEMODEL, save_net
         from netforge.snapshot import write_weights
 
+        if str(path).endswith(CAFFEMODEL):
+            save_net(self, path)
+            return
         write_weights(path, self.weights())
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from google.protobuf import text_format
 
+from netforge import caffe_io
 from netforge.backend import get_backend
 from netforge.backend.base import Backend
 from netforge.config import SourceMap, apply_overrides, load_net_param, load_solver_param
@@ -285,7 +286,7 @@ class Solver:
     def load_weights(self, path: str) -> None:
         """Fine-tune: copy weights by layer name into the train net (test nets share them)."""
         log.info("Finetuning from %s", path)
-        source = read_weights(path)
+        source = caffe_io.read_any_weights(path, [self.net, *self.test_nets])
         loaded, ignored = self.net.load_weights(source, path)
         for net in self.test_nets:
             net.load_weights({k: v for k, v in source.items() if k not in self.net.layer_by_name},
@@ -499,12 +500,33 @@ class Solver:
     def snapshot_prefix(self) -> str:
         return snapshot_prefix(self.param, self.path)
 
+    def caffe_snapshots(self) -> bool:
+        """True when the solver file sets ``snapshot_format: BINARYPROTO``: snapshots are then
+        Caffe's .caffemodel + .solverstate. Unset (or HDF5) keeps netforge's .npz files —
+        Caffe's default is BINARYPROTO; netforge's default differs."""
+        sp = self.param
+        return sp.HasField("snapshot_format") and \
+            sp.snapshot_format == pb.SolverParameter.BINARYPROTO
+
     def snapshot_paths(self, it: int | None = None) -> tuple[str, str]:
         base = f"{self.snapshot_prefix()}_iter_{self.iter if it is None else it}"
+        if self.caffe_snapshots():
+            return base + caffe_io.CAFFEMODEL, base + caffe_io.SOLVERSTATE
         return base + ".npz", base + ".solverstate.npz"
 
     def snapshot(self) -> tuple[str, str]:
         weights_path, state_path = self.snapshot_paths()
+        if self.caffe_snapshots():
+            log.info("Snapshotting to binary proto file %s", weights_path)
+            caffe_io.save_net(self.net, weights_path)
+            log.info("Snapshotting solver state to binary proto file %s", state_path)
+            meta = self._state_meta(weights_path)
+            del meta["learned_net"], meta["iter"], meta["current_step"]
+            caffe_io.write_solverstate(state_path, self.iter, weights_path,
+                                       [self.backend.to_numpy(h) for h in self.history],
+                                       self.current_step, extra={"format": "netforge-extra-1",
+                                                                 **meta})
+            return weights_path, state_path
         log.info("Snapshotting to weights file %s", weights_path)
         self.net.save(weights_path)
         log.info("Snapshotting solver state to %s", state_path)
@@ -526,8 +548,13 @@ class Solver:
         }
 
     def restore(self, state_path: str | os.PathLike[str]) -> None:
-        """Resume: iteration, lr step, history, RNG and data cursors, and the weights."""
+        """Resume: iteration, lr step, history, RNG and data cursors, and the weights.
+        Takes netforge's .solverstate.npz or Caffe's binary .solverstate."""
         log.info("Resuming from %s", state_path)
+        if caffe_io.is_caffe_solverstate(state_path) or \
+                str(state_path).endswith(caffe_io.CAFFEMODEL):
+            self._restore_caffe(state_path)
+            return
         meta, history = read_state(state_path)
         if meta.get("type") != self.type:
             raise ConfigError(f"the solver state is for a {meta.get('type')} solver but this "
@@ -546,14 +573,70 @@ class Solver:
         self.net.load_weights(read_weights(learned), str(learned))
         self.iter = int(meta["iter"])
         self.current_step = int(meta.get("current_step", 0))
+        self._restore_extras(meta)
+        log.info("%s: restored history; resuming at iteration %d", self.type, self.iter)
+
+    def _restore_extras(self, meta: dict[str, Any]) -> None:
+        """netforge's additions to a resume: early stopping, the RNG, data cursors."""
         if self.early_stop is not None and meta.get("early_stop"):
             self.early_stop.set_state(meta["early_stop"])
-        self.rng.bit_generator.state = meta["rng"]
+        if "rng" in meta:
+            self.rng.bit_generator.state = meta["rng"]
         data = meta.get("data", {})
         _set_data_states(self.net, data.get("train", {}))
         for i, n in enumerate(self.test_nets):
             _set_data_states(n, data.get(f"test{i}", {}))
-        log.info("%s: restored history; resuming at iteration %d", self.type, self.iter)
+
+    def _restore_caffe(self, state_path: str | os.PathLike[str]) -> None:
+        """Resume from Caffe's SolverState: history in learnable-param order, the
+        learned_net weights, iter and current_step (and netforge's extras when present)."""
+        where = str(state_path)
+        state = caffe_io.read_solverstate(state_path)
+        n_params, have, need = len(self.params), len(state.history), len(self.history)
+        if have != need:
+            per = need // n_params if n_params else 1
+            if have == 0:
+                guess = "it holds no history at all (is it a weights file?)"
+            elif have == n_params:
+                guess = ("that count fits a solver with one history blob per param (SGD, "
+                         "Nesterov, AdaGrad or RMSProp)")
+            elif have == 2 * n_params:
+                guess = "that count fits a solver with two per param (AdaDelta or Adam)"
+            else:
+                guess = ("that count fits neither 1 nor 2 per param, so it was written for "
+                         "another net")
+            raise ConfigError(
+                f"this .solverstate holds {have} history blobs but {_article(self.type)} "
+                f"{self.type} solver needs {need} ({per} per learnable param, {n_params} "
+                f"learnable params in this net); {guess}. Resume with the solver type and net "
+                "that wrote it (Caffe stops here with 'Check failed: state.history_size() == "
+                "history_.size()')", where)
+        extra = state.extra or {}
+        if extra.get("type") not in (None, self.type):
+            raise ConfigError(f"the solver state is for a {extra['type']} solver but this "
+                              f"solver is {self.type}", where)
+        for k, (mine, theirs) in enumerate(zip(self.history, state.history, strict=True)):
+            target = tuple(mine.shape)
+            if state.legacy[k] and theirs.shape != target and \
+                    caffe_io.legacy_shape(target) == theirs.shape:
+                theirs = theirs.reshape(target)
+            if tuple(theirs.shape) != target:
+                raise ConfigError(f"history blob {k} has shape {tuple(theirs.shape)} but the "
+                                  f"net needs {target}", where)
+            mine[...] = self.backend.asarray(theirs)
+        if state.learned_net:
+            learned = Path(state.learned_net)
+            if not learned.exists():
+                for alt in (Path(state_path).parent / learned,
+                            Path(state_path).parent / learned.name):
+                    if alt.exists():
+                        learned = alt
+                        break
+            self.net.load_weights(caffe_io.read_any_weights(learned, [self.net]), str(learned))
+        self.iter = state.iter
+        self.current_step = state.current_step
+        self._restore_extras(extra)
+        log.info("%s: restoring history; resuming at iteration %d", self.type, self.iter)
 
     def close(self) -> None:
         self.net.close()
@@ -618,6 +701,10 @@ class EarlyStop:
         self.best = state.get("best")
         self.best_iter = int(state.get("best_iter", -1))
         self.bad_tests = int(state.get("bad_tests", 0))
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "AEIOU" else "a"
 
 
 def _data_states(net: Net) -> dict[str, Any]:
