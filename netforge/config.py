@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import yaml
 from google.protobuf import text_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -387,6 +388,9 @@ def _to_plain(message: Message) -> dict[str, Any]:
                 return fd.enum_type.values_by_number[v].name
             if fd.type == FieldDescriptor.TYPE_BYTES:
                 return v.decode("latin-1")
+            if fd.type == FieldDescriptor.TYPE_FLOAT:
+                # The shortest decimal that is the same float32 (0.01, not 0.00999999977648).
+                return float(str(np.float32(v)))
             return v
 
         out[fd.name] = [conv(v) for v in value] if fd.is_repeated else conv(value)
