@@ -9,11 +9,13 @@ mapping {layer name: [arrays in blob order]} that :mod:`netforge.snapshot` uses 
 A ``.solverstate`` is a binary ``SolverState``: ``iter``, ``learned_net`` (the caffemodel's
 path), ``history`` (one BlobProto per learnable param in the net's learnable-param order; 2N for
 AdaDelta and Adam) and ``current_step``. netforge adds one field Caffe does not know
-(number 1000, a JSON string with the solver type, RNG state and data cursors) so a resume is
-bit-exact; Caffe's parser skips unknown fields, so the file still loads in Caffe.
+(``netforge_state`` = 10000, a JSON string with the solver type, RNG state and data cursors)
+so a resume is bit-exact; Caffe's parser skips unknown fields, so the file still loads in
+Caffe.
 
-Writing is atomic (:func:`netforge.snapshot.atomic_write_bytes`) and encodes the float payload
-directly (packed little-endian floats), so large nets do not go through per-value Python lists.
+Writing is atomic (:func:`netforge.snapshot.atomic_write_bytes`). Messages are built with
+protobuf; only a blob's packed float payload is appended as bytes (field ``data`` or
+``double_data``, packed little-endian), so large nets do not go through per-value Python lists.
 """
 
 from __future__ import annotations
@@ -40,14 +42,10 @@ log = logging.getLogger("netforge")
 
 CAFFEMODEL = ".caffemodel"
 SOLVERSTATE = ".solverstate"
-#: The SolverState field netforge writes its extra resume state into (JSON bytes).
-NETFORGE_STATE_FIELD = 1000
-
 # Caffe field numbers (caffe.proto) used by the direct encoder.
 _NET_NAME, _NET_LAYER = 1, 100
 _LAYER_BLOBS = 7
 _BLOB_SHAPE, _BLOB_DATA, _BLOB_DOUBLE_DATA = 7, 5, 8
-_STATE_ITER, _STATE_LEARNED_NET, _STATE_HISTORY, _STATE_CURRENT_STEP = 1, 2, 3, 4
 
 
 class LayerInfo(NamedTuple):
@@ -105,44 +103,6 @@ def _tag(number: int, wire_type: int) -> bytes:
 
 def _delimited(number: int, payload: bytes) -> bytes:
     return _tag(number, 2) + _varint(len(payload)) + payload
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _top_level_fields(buf: bytes, number: int) -> list[bytes]:
-    """The payloads of every length-delimited top-level field ``number`` in a message."""
-    found, pos = [], 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        num, wt = key >> 3, key & 7
-        if wt == 0:
-            _, pos = _read_varint(buf, pos)
-        elif wt == 1:
-            pos += 8
-        elif wt == 5:
-            pos += 4
-        elif wt == 2:
-            n, pos = _read_varint(buf, pos)
-            if num == number:
-                found.append(buf[pos:pos + n])
-            pos += n
-        else:
-            raise ValueError(f"unsupported wire type {wt}")
-    return found
-
-
-# -- blobs ------------------------------------------------------------------------------------
 
 
 def legacy_shape(shape: Sequence[int]) -> tuple[int, ...] | None:
@@ -353,21 +313,20 @@ def is_caffe_solverstate(path: str | os.PathLike[str]) -> bool:
 
 def solverstate_bytes(iteration: int, learned_net: str, history: Sequence[Any],
                       current_step: int = 0, extra: Mapping[str, Any] | None = None) -> bytes:
-    out = bytearray(_tag(_STATE_ITER, 0) + _varint(int(iteration)))
-    out += _delimited(_STATE_LEARNED_NET, learned_net.encode())
+    state = pb.SolverState(iter=int(iteration), learned_net=learned_net,
+                           current_step=int(current_step))
     for h in history:
-        out += _delimited(_STATE_HISTORY, blob_bytes(h))
-    out += _tag(_STATE_CURRENT_STEP, 0) + _varint(int(current_step))
+        state.history.add().MergeFromString(blob_bytes(h))
     if extra is not None:
-        out += _delimited(NETFORGE_STATE_FIELD, json.dumps(dict(extra)).encode())
-    return bytes(out)
+        state.netforge_state = json.dumps(dict(extra))
+    return state.SerializeToString()
 
 
 def write_solverstate(path: str | os.PathLike[str], iteration: int, learned_net: str,
                       history: Sequence[Any], current_step: int = 0,
                       extra: Mapping[str, Any] | None = None) -> None:
-    """A Caffe SolverState (plus netforge's ``extra`` resume state in field 1000, which
-    Caffe ignores), written atomically."""
+    """A Caffe SolverState (plus netforge's ``extra`` resume state in ``netforge_state``,
+    which Caffe ignores), written atomically."""
     atomic_write_bytes(path, solverstate_bytes(iteration, learned_net, history, current_step,
                                                extra))
 
@@ -384,7 +343,6 @@ def read_solverstate(path: str | os.PathLike[str]) -> SolverStateFile:
     state = pb.SolverState()
     try:
         state.ParseFromString(raw)
-        extras = _top_level_fields(raw, NETFORGE_STATE_FIELD)
     except (DecodeError, ValueError) as e:
         raise ConfigError(f"cannot read the solver state (a binary SolverState): {e}",
                           str(path)) from None
@@ -394,12 +352,12 @@ def read_solverstate(path: str | os.PathLike[str]) -> SolverStateFile:
         history.append(arr)
         legacy.append(was_legacy)
     extra = None
-    if extras:
+    if state.HasField("netforge_state"):
         try:
-            extra = json.loads(extras[-1].decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConfigError(f"netforge's resume state (field {NETFORGE_STATE_FIELD}) is not "
-                              f"valid JSON: {e}", str(path)) from None
+            extra = json.loads(state.netforge_state)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"netforge's resume state (netforge_state) is not valid JSON: "
+                              f"{e}", str(path)) from None
     return SolverStateFile(state.iter, state.learned_net, history, state.current_step, legacy,
                            extra)
 
