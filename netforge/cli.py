@@ -45,9 +45,11 @@ def cli() -> None:
 @click.option("--solver", "solver_path", required=True, type=click.Path(dir_okay=False),
               help="Solver file (.prototxt or .yaml).")
 @click.option("--snapshot", "resume", default=None, type=click.Path(dir_okay=False),
-              help="Resume from a *.solverstate.npz written by a snapshot.")
+              help="Resume from a solver state (netforge's .solverstate.npz or Caffe's "
+                   ".solverstate).")
 @click.option("--weights", default=None,
-              help="Fine-tune from these weights (.npz; comma-separated for several).")
+              help="Fine-tune from these weights (.npz or .caffemodel; comma-separated for "
+                   "several).")
 @click.option("--level", default=0, show_default=True, help="NetState level of the train net.")
 @click.option("--stage", default="", help="Comma-separated NetState stages of the train net.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -82,6 +84,8 @@ def train(solver_path: str, resume: str | None, weights: str | None, level: int,
         log.info("Override: %s = %s (was %s)", key, new, old)
     solver = Solver(sp, source=source, path=solver_path, level=level, stages=_stages(stage),
                     weights=weights.split(",") if weights else None)
+    from netforge.guards import attach_train_tools  # metrics stream, NaN guard, debug_info
+    attach_train_tools(solver, log_file)
     bar = _progress_bar(solver, progress)
     restore = _install_signals(solver, sigint_effect, sighup_effect)
     try:
@@ -147,7 +151,7 @@ def _install_signals(solver: Any, on_int: str, on_hup: str) -> Callable[[], None
 @click.option("--model", required=True, type=click.Path(dir_okay=False),
               help="Net file (.prototxt or .yaml); its TEST phase is run.")
 @click.option("--weights", required=True, type=click.Path(dir_okay=False),
-              help="Trained weights (.npz).")
+              help="Trained weights (.npz or .caffemodel).")
 @click.option("--iterations", default=50, show_default=True, type=click.IntRange(min=1),
               help="Number of batches.")
 @click.option("--level", default=0, show_default=True)
@@ -230,7 +234,7 @@ def time_cmd(model: str, iterations: int, phase: str, level: int, stage: str,
 @click.option("--phase", type=click.Choice(["TRAIN", "TEST"], case_sensitive=False),
               default="TRAIN", show_default=True)
 @click.option("--weights", default=None, type=click.Path(dir_okay=False),
-              help="Check at these weights (.npz) instead of the fillers' values.")
+              help="Check at these weights (.npz or .caffemodel) instead of the fillers' values.")
 @click.option("--points", default=100, show_default=True, type=click.IntRange(min=1),
               help="Elements checked per blob (sampled with --seed).")
 @click.option("--stepsize", default=1e-3, show_default=True, type=float)
