@@ -59,13 +59,22 @@ def cli() -> None:
               help="Log file (default: <snapshot_prefix>_<time>.log).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar when stderr is a terminal.")
+@click.option("--nan-guard/--no-nan-guard", default=True, show_default=True,
+              help="Stop (exit 1) at the first NaN/Inf loss or weight, naming it and writing "
+                   "the last good weights to <prefix>_iter_N.last_good.npz.")
+@click.option("--debug-info", is_flag=True, default=False,
+              help="Log Caffe's per-layer [Forward]/[Backward] mean |x| lines on display "
+                   "iterations (also on with debug_info: true in the solver).")
+@click.option("--metrics/--no-metrics", default=True, show_default=True,
+              help="Also write <log stem>.jsonl beside the log: one JSON object per display "
+                   "and per test.")
 @click.option("--sigint-effect", type=click.Choice(SIGNAL_EFFECTS), default="stop",
               show_default=True, help="What Ctrl-C does: snapshot and stop, snapshot, nothing.")
 @click.option("--sighup-effect", type=click.Choice(SIGNAL_EFFECTS), default="snapshot",
               show_default=True, help="What SIGHUP does.")
 def train(solver_path: str, resume: str | None, weights: str | None, level: int, stage: str,
-          overrides: tuple[str, ...], log_file: str | None, progress: bool, sigint_effect: str,
-          sighup_effect: str) -> None:
+          overrides: tuple[str, ...], log_file: str | None, progress: bool, nan_guard: bool,
+          debug_info: bool, metrics: bool, sigint_effect: str, sighup_effect: str) -> None:
     """Train a net as a solver file describes (Caffe's `caffe train`)."""
     from netforge.config import apply_overrides, load_solver_param
     from netforge.solver import Solver, snapshot_prefix
@@ -84,8 +93,10 @@ def train(solver_path: str, resume: str | None, weights: str | None, level: int,
         log.info("Override: %s = %s (was %s)", key, new, old)
     solver = Solver(sp, source=source, path=solver_path, level=level, stages=_stages(stage),
                     weights=weights.split(",") if weights else None)
-    from netforge.guards import attach_train_tools  # metrics stream, NaN guard, debug_info
-    attach_train_tools(solver, log_file)
+    from netforge.guards import attach_train_tools
+
+    attach_train_tools(solver, log_file, nan_guard=nan_guard, debug_info=debug_info or None,
+                       metrics=metrics)
     bar = _progress_bar(solver, progress)
     restore = _install_signals(solver, sigint_effect, sighup_effect)
     try:

@@ -290,26 +290,15 @@ def attach_train_tools(solver: Any, log_file: str | os.PathLike[str] | None = No
                        metrics: bool | None = None) -> dict[str, Any]:
     """Install the JSONL metrics stream (beside ``log_file``), the NaN guard and debug_info.
 
-    An argument left as None takes the value of the running ``netforge train`` command's
-    option (``--nan-guard/--no-nan-guard``, ``--debug-info``, ``--metrics/--no-metrics``),
-    else its default: guard on, metrics on, debug_info as the solver's ``debug_info`` field.
-    Returns what was installed, by name.
+    An argument left as None takes its default: guard on, metrics on, debug_info as the
+    solver's ``debug_info`` field. Returns what was installed, by name.
     """
-    options: dict[str, Any] = {}
-    try:
-        import click
-
-        ctx = click.get_current_context(silent=True)
-        if ctx is not None:
-            options = dict(ctx.params)
-    except ImportError:  # pragma: no cover
-        pass
     if nan_guard is None:
-        nan_guard = bool(options.get("nan_guard", True))
+        nan_guard = True
     if debug_info is None:
-        debug_info = bool(options.get("debug_info", False)) or bool(solver.param.debug_info)
+        debug_info = bool(solver.param.debug_info)
     if metrics is None:
-        metrics = bool(options.get("metrics", True))
+        metrics = True
     installed: dict[str, Any] = {}
     if metrics and log_file is not None:
         from netforge.metrics import attach_metrics

@@ -1,13 +1,10 @@
-"""Run tooling: parse-log, plot, draw, device-query, and the train options --nan-guard,
---debug-info and --metrics (added to ``netforge train`` from here; netforge.cli's train calls
-netforge.guards.attach_train_tools right after it creates the solver)."""
+"""Run tooling: parse-log, plot, draw, device-query. (The train options --nan-guard,
+--debug-info and --metrics are netforge.cli's; they call netforge.guards.attach_train_tools.)"""
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -15,44 +12,6 @@ from netforge import log as nflog
 from netforge.cli import cli
 
 log = logging.getLogger("netforge")
-
-
-# ---------------------------------------------------------------------------------------------
-# options of `netforge train`
-
-TRAIN_OPTIONS = [
-    click.Option(["--nan-guard/--no-nan-guard"], default=True, show_default=True,
-                 help="Stop (exit 1) at the first NaN/Inf loss or weight, naming it and "
-                      "writing the last good weights to <prefix>_iter_N.last_good.npz."),
-    click.Option(["--debug-info"], is_flag=True, default=False,
-                 help="Log Caffe's per-layer [Forward]/[Backward] mean |x| lines on display "
-                      "iterations (also on with debug_info: true in the solver)."),
-    click.Option(["--metrics/--no-metrics"], default=True, show_default=True,
-                 help="Also write <log stem>.jsonl beside the log: one JSON object per "
-                      "display and per test."),
-]
-
-
-def _add_train_options() -> None:
-    cmd = cli.commands.get("train")
-    if cmd is None or cmd.callback is None or getattr(cmd, "_run_tools", False):
-        return
-    names = {p.name for p in cmd.params}
-    cmd.params.extend(o for o in TRAIN_OPTIONS if o.name not in names)
-    inner = cmd.callback
-    accepted = set(inspect.signature(inner).parameters)
-
-    def callback(**kwargs: Any) -> Any:
-        # The options are read by attach_train_tools from the click context; the original
-        # command only gets the arguments it declares.
-        return inner(**{k: v for k, v in kwargs.items() if k in accepted})
-
-    callback.__doc__ = inner.__doc__
-    cmd.callback = callback
-    cmd._run_tools = True  # type: ignore[attr-defined]
-
-
-_add_train_options()
 
 
 # ---------------------------------------------------------------------------------------------
