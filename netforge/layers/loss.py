@@ -69,6 +69,13 @@ class LossLayer(Layer):
     is_loss = True
     auto_top_blobs = True
     exact_bottoms = 2
+
+    def reshape_per_sample(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        """Scores (N, ...) — one class per element after the first axis — and N labels."""
+        self.num = check_first_axis(bottom[0], bottom[1])
+        self.dim = bottom[0].count_range(1)
+        check_labels(bottom[1], self.num, 1, bottom[0], 1)
+        top[0].reshape(())
     # Set by reshape in layers that normalise with loss_param (read_loss_param).
     outer: int = 1
     inner: int = 1
@@ -294,11 +301,7 @@ class HingeLoss(LossLayer):
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         self.norm = int(self.param.hinge_loss_param.norm)
 
-    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        self.num = check_first_axis(bottom[0], bottom[1])
-        self.dim = bottom[0].count_range(1)
-        check_labels(bottom[1], self.num, 1, bottom[0], 1)
-        top[0].reshape(())
+    reshape = LossLayer.reshape_per_sample
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
@@ -335,11 +338,7 @@ class MultinomialLogisticLoss(LossLayer):
     type = "MultinomialLogisticLoss"
     exact_tops = 1
 
-    def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        self.num = check_first_axis(bottom[0], bottom[1])
-        self.dim = bottom[0].count_range(1)
-        check_labels(bottom[1], self.num, 1, bottom[0], 1)
-        top[0].reshape(())
+    reshape = LossLayer.reshape_per_sample
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
