@@ -93,6 +93,7 @@ def train(solver_path: str, resume: str | None, weights: str | None, level: int,
         log.info("Override: %s = %s (was %s)", key, new, old)
     solver = Solver(sp, source=source, path=solver_path, level=level, stages=_stages(stage),
                     weights=weights.split(",") if weights else None)
+    _save_resolved(solver, log_file)
     from netforge.guards import attach_train_tools
 
     attach_train_tools(solver, log_file, nan_guard=nan_guard, debug_info=debug_info or None,
@@ -107,6 +108,23 @@ def train(solver_path: str, resume: str | None, weights: str | None, level: int,
         if bar is not None:
             bar.close()
         solver.close()
+
+
+def _save_resolved(solver: Any, log_file: str) -> None:
+    """Write the solver and net(s) as this run resolved them (overrides applied) beside the
+    log: <log stem>.solver.yaml and <log stem>.net.yaml (+ .test_net<i>.yaml when a test net
+    comes from another definition), so the run can be reproduced from them."""
+    from netforge.config import to_yaml
+    from netforge.snapshot import atomic_write_bytes
+
+    stem = str(Path(log_file).with_suffix(""))
+    files = {f"{stem}.solver.yaml": solver.param, f"{stem}.net.yaml": solver.net.param}
+    for i, net in enumerate(solver.test_nets):
+        if net.param != solver.net.param:
+            files[f"{stem}.test_net{i}.yaml"] = net.param
+    for path, message in files.items():
+        atomic_write_bytes(path, to_yaml(message).encode())
+    log.info("Resolved configuration: %s", ", ".join(files))
 
 
 def _progress_bar(solver: Any, enabled: bool) -> Any:
@@ -168,13 +186,22 @@ def _install_signals(solver: Any, on_int: str, on_hup: str) -> Callable[[], None
 @click.option("--level", default=0, show_default=True)
 @click.option("--stage", default="", help="Comma-separated NetState stages.")
 @click.option("--gpu", is_flag=True, help="Run on the GPU backend.")
-def test(model: str, weights: str, iterations: int, level: int, stage: str, gpu: bool) -> None:
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a net field, e.g. --set layer[mnist].data_param.batch_size=50 "
+                   "(entries by [name] or [index]; repeatable).")
+def test(model: str, weights: str, iterations: int, level: int, stage: str, gpu: bool,
+         overrides: tuple[str, ...]) -> None:
     """Score a trained net (Caffe's `caffe test`)."""
+    from netforge.config import apply_overrides, load_net_param
     from netforge.net import Net
 
     nflog.configure()
     log.info("Use %s.", "GPU" if gpu else "CPU")
-    net = Net(model, "TEST", level=level, stages=_stages(stage), backend="GPU" if gpu else "CPU")
+    param, smap = load_net_param(model)
+    for key, old, new in apply_overrides(param, overrides):
+        log.info("Override: %s = %s (was %s)", key, new, old)
+    net = Net(param, "TEST", level=level, stages=_stages(stage), source=smap,
+              base_dir=Path(model).parent, backend="GPU" if gpu else "CPU")
     try:
         loaded, _ = net.copy_from(weights)
         log.info("Loaded weights for %d layer(s) from %s", len(loaded), weights)

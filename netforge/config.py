@@ -397,12 +397,17 @@ def _to_plain(message: Message) -> dict[str, Any]:
     return out
 
 
+_OVERRIDE_PART = re.compile(r"^(\w+)(?:\[([^\]]+)\])?$")
+
+
 def apply_overrides(message: Message, items: list[str] | tuple[str, ...],
                     origin: str = "--set") -> list[tuple[str, str, str]]:
     """Apply ``key.path=value`` overrides (typed and checked by the schema, like YAML).
 
     A scalar replaces the value, a repeated field is replaced as a whole (``test_iter=[10]`` or
-    ``test_iter=10``). Returns (key, old, new) for each override so callers can log them.
+    ``test_iter=10``). Entries of a repeated message are picked by index or by name:
+    ``layer[3].convolution_param.num_output=32``, ``layer[mnist].data_param.batch_size=32``
+    (every layer named ``mnist``). Returns (key, old, new) for each change, for the log.
     """
     changes = []
     for item in items:
@@ -412,34 +417,63 @@ def apply_overrides(message: Message, items: list[str] | tuple[str, ...],
         if not sep or not key:
             raise ConfigError("an override must look like key=value (e.g. max_iter=1000)", where)
         parts = key.split(".")
-        target: Any = message
+        targets: list[Any] = [message]
         for k, part in enumerate(parts):
-            fd = target.DESCRIPTOR.fields_by_name.get(part)
+            m = _OVERRIDE_PART.match(part)
+            name, selector = (m.group(1), m.group(2)) if m else (part, None)
+            desc = targets[0].DESCRIPTOR
+            fd = desc.fields_by_name.get(name)
+            at = ".".join(parts[:k]) or desc.name
             if fd is None:
-                at = ".".join(parts[:k]) or target.DESCRIPTOR.name
-                raise ConfigError(f"unknown field '{part}' in {target.DESCRIPTOR.name} (at {at})",
-                                  where, did_you_mean(part, target.DESCRIPTOR.fields_by_name))
-            if k < len(parts) - 1:
-                if fd.type != FieldDescriptor.TYPE_MESSAGE or fd.is_repeated:
-                    raise ConfigError(f"'{'.'.join(parts[:k + 1])}' is not a single message; "
-                                      "only its own value can be overridden", where)
-                target = getattr(target, part)
+                raise ConfigError(f"unknown field '{name}' in {desc.name} (at {at})", where,
+                                  did_you_mean(name, desc.fields_by_name))
+            last = k == len(parts) - 1
+            if last and selector is None:
+                break
+            if fd.type != FieldDescriptor.TYPE_MESSAGE or fd.is_repeated != (selector is not None):
+                raise ConfigError(f"'{'.'.join(parts[:k + 1])}' is not a single message; pick "
+                                  f"an entry of a repeated message with [index] or [name]"
+                                  if fd.is_repeated and fd.type == FieldDescriptor.TYPE_MESSAGE
+                                  else f"'{'.'.join(parts[:k + 1])}' is not a single message; "
+                                  "only its own value can be overridden", where)
+            if selector is None:
+                targets = [getattr(t, name) for t in targets]
+                continue
+            picked = []
+            for t in targets:
+                entries = getattr(t, name)
+                if selector.lstrip("-").isdigit():
+                    i = int(selector)
+                    if not -len(entries) <= i < len(entries):
+                        raise ConfigError(f"{name}[{i}] does not exist ({len(entries)} entries)",
+                                          where)
+                    picked.append(entries[i])
+                else:
+                    picked += [e for e in entries if getattr(e, "name", None) == selector]
+            if not picked:
+                names = [getattr(e, "name", "") for t in targets for e in getattr(t, name)]
+                raise ConfigError(f"no {name} entry named '{selector}'", where,
+                                  did_you_mean(selector, names))
+            targets = picked
+            if last:
+                raise ConfigError(f"'{key}' names a whole message; set one of its fields", where)
+        leaf = _OVERRIDE_PART.match(parts[-1]).group(1)  # type: ignore[union-attr]
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        doc: Any = value
-        for part in reversed(parts):
-            doc = {part: doc}
-        update = type(message)()
-        try:
-            parse_yaml(yaml.safe_dump(doc), update, where)
-        except ConfigError as e:
-            raise ConfigError(e.message, where, e.hint) from None
-        old = _field_text(target, parts[-1])
-        target.ClearField(parts[-1])
-        message.MergeFrom(update)
-        changes.append((key, old, _field_text(target, parts[-1])))
+        for target in targets:
+            update = type(target)()
+            try:
+                parse_yaml(yaml.safe_dump({leaf: value}), update, where)
+            except ConfigError as e:
+                raise ConfigError(e.message.replace(f"{leaf} ", f"{key} ", 1) if
+                                  e.message.startswith(f"{leaf} ") else e.message,
+                                  where, e.hint) from None
+            old = _field_text(target, leaf)
+            target.ClearField(leaf)
+            target.MergeFrom(update)
+            changes.append((key, old, _field_text(target, leaf)))
     return changes
 
 
