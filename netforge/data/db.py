@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 import lmdb
+import numpy as np
 
 from netforge.errors import ConfigError
 from netforge.proto import pb
@@ -211,6 +212,9 @@ class LmdbReader:
     def cursor(self, start: int = 0) -> RecordCursor:
         return RecordCursor(self.env, start)
 
+    def shuffled_cursor(self, seed: int, start: int = 0) -> ShuffledCursor:
+        return ShuffledCursor(self.env, seed, start)
+
     def close(self) -> None:
         self._release()
 
@@ -263,6 +267,51 @@ class RecordCursor:
         self._cur.first()
         self.index = 0
         return False
+
+    def close(self) -> None:
+        self._txn.abort()
+
+
+class ShuffledCursor:
+    """Like RecordCursor, but each epoch visits the records in a new random order: epoch e
+    uses the permutation drawn from ``seed`` and e, so any position can be sought again.
+    ``index`` counts records from the start of epoch 0 (epoch · length + position)."""
+
+    def __init__(self, env: lmdb.Environment, seed: int, start: int = 0):
+        self._txn = env.begin(buffers=False)
+        with self._txn.cursor() as cur:
+            self._keys = list(cur.iternext(keys=True, values=False))
+        self.length = len(self._keys)
+        if self.length == 0:
+            raise ConfigError(f"LMDB database is empty: {env.path()}")
+        self._seed = int(seed)
+        self._epoch = -1
+        self.seek(start)
+
+    def _order(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self._seed, epoch]).permutation(self.length)
+            self._epoch = epoch
+
+    def seek(self, index: int) -> None:
+        self.index = max(0, int(index))
+        self._order(self.index // self.length)
+
+    @property
+    def key(self) -> bytes:
+        return self._keys[int(self._perm[self.index % self.length])]
+
+    @property
+    def value(self) -> bytes:
+        value = self._txn.get(self.key)
+        assert value is not None
+        return value
+
+    def next(self) -> bool:
+        """Advance one record; False when that started a new epoch (a new order)."""
+        self.index += 1
+        self._order(self.index // self.length)
+        return self.index % self.length != 0
 
     def close(self) -> None:
         self._txn.abort()

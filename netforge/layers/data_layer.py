@@ -30,7 +30,7 @@ import numpy as np
 
 from netforge.blob import Blob
 from netforge.data.datum import datum_shape
-from netforge.data.db import LmdbReader, RecordCursor
+from netforge.data.db import LmdbReader, RecordCursor, ShuffledCursor
 from netforge.data.images import decode_datum
 from netforge.data.transformer import DataTransformer, decode_color, load_mean_file, needs_rng
 from netforge.errors import ConfigError
@@ -52,15 +52,22 @@ class _BatchReader:
     """Reads and transforms one batch at a time from a wrapping cursor."""
 
     def __init__(self, reader: LmdbReader, transformer: DataTransformer, batch_size: int,
-                 shape: tuple[int, int, int], color: bool | None = None):
+                 shape: tuple[int, int, int], color: bool | None = None,
+                 shuffle_seed: int | None = None):
         self.reader = reader
+        self.shuffle_seed = shuffle_seed
         self.color = color
         self.transformer = transformer
         self.batch_size = batch_size
         self.shape = shape
         self.size = shape[0] * shape[1] * shape[2]
 
-    def read(self, cursor: RecordCursor) -> _Batch:
+    def open_cursor(self, start: int) -> RecordCursor | ShuffledCursor:
+        if self.shuffle_seed is None:
+            return self.reader.cursor(start)
+        return self.reader.shuffled_cursor(self.shuffle_seed, start)
+
+    def read(self, cursor: RecordCursor | ShuffledCursor) -> _Batch:
         datum = pb.Datum()
         chunks: list[bytes | np.ndarray] = []
         labels = np.empty(self.batch_size, dtype=np.int64)
@@ -123,7 +130,7 @@ class _Prefetcher:
 
     def _run(self) -> None:
         try:
-            cursor = self.batches.reader.cursor(self.start)
+            cursor = self.batches.open_cursor(self.start)
         except BaseException as e:
             self._put(e)
             return
@@ -211,8 +218,11 @@ class Data(Layer):
             self.out_shape = (self.batch_size, *self.transformer.output_shape(*shape))
         except ConfigError as e:
             raise LayerError(str(e)) from None
+        # netforge's data_param.shuffle: a new record order every epoch, seeded from the net.
+        self.shuffle = bool(dp.shuffle)
+        seed = int(self.ctx.rng.integers(2**63)) if self.shuffle else None
         self._batches = _BatchReader(self.reader, self.transformer, self.batch_size, shape,
-                                     self.color)
+                                     self.color, seed)
         self._depth = int(dp.prefetch)
         self._prefetcher: _Prefetcher | None = None
         self._finalizer: weakref.finalize | None = None
@@ -280,7 +290,8 @@ class Data(Layer):
         if not isinstance(cursor, int) or cursor < 0:
             raise LayerError(f"bad data cursor in the saved state: {cursor!r}")
         self.close()
-        self._cursor = cursor % len(self.reader)
+        # A shuffled cursor counts across epochs (the epoch picks the order).
+        self._cursor = cursor if self.shuffle else cursor % len(self.reader)
         if state.get("rng") is not None and self._rng_state is not None:
             self._rng_state = copy.deepcopy(state["rng"])
 
