@@ -150,15 +150,20 @@ def blob_bytes(array: Any) -> bytes:
 # -- caffemodel -------------------------------------------------------------------------------
 
 
-def is_caffemodel(path: str | os.PathLike[str]) -> bool:
-    """A ``.caffemodel`` by name; other names (not ``.npz``) by content (not a zip archive)."""
+def _is_caffe_file(path: str | os.PathLike[str], suffix: str) -> bool:
+    """A Caffe binary file by name (``suffix``); other names (not ``.npz``) by content: not a
+    zip archive, which netforge's .npz files are."""
     p = Path(path)
-    if p.name.endswith(CAFFEMODEL):
+    if p.name.endswith(suffix):
         return True
     if p.suffix == ".npz" or not p.is_file():
         return False
     with open(p, "rb") as f:
         return f.read(4) != b"PK\x03\x04"
+
+
+def is_caffemodel(path: str | os.PathLike[str]) -> bool:
+    return _is_caffe_file(path, CAFFEMODEL)
 
 
 def parse_net(path: str | os.PathLike[str]) -> pb.NetParameter:
@@ -302,13 +307,7 @@ def save_net(net: Net, path: str | os.PathLike[str]) -> None:
 
 
 def is_caffe_solverstate(path: str | os.PathLike[str]) -> bool:
-    p = Path(path)
-    if p.name.endswith(SOLVERSTATE):
-        return True
-    if p.suffix == ".npz" or not p.is_file():
-        return False
-    with open(p, "rb") as f:
-        return f.read(4) != b"PK\x03\x04"
+    return _is_caffe_file(path, SOLVERSTATE)
 
 
 def solverstate_bytes(iteration: int, learned_net: str, history: Sequence[Any],
