@@ -133,3 +133,33 @@ def test_convolution_in_chunks_equals_whole_batch(monkeypatch: pytest.MonkeyPatc
     np.testing.assert_allclose(dx1, dx2, rtol=1e-12, atol=1e-14)
     for a, b in zip(dw1, dw2, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@kernels_available
+@pytest.mark.parametrize("geometry", ["kernel_size: 2 stride: 2",
+                                      "kernel_size: 3 stride: 2 pad: 1"])
+def test_test_phase_max_pooling_skips_argmax_but_still_backprops(geometry: str) -> None:
+    """In TEST the compiled MAX pooling computes only the maxima; a backward (force_backward,
+    gradcheck in TEST) recomputes the argmax. Both must equal the TRAIN-phase results."""
+    from netforge.blob import Blob
+    from tests.helpers import PHASE_TEST, PHASE_TRAIN, make_layer
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(8, 16, 21, 20))
+    dy = None
+    results = []
+    for phase in (PHASE_TRAIN, PHASE_TEST):
+        layer = make_layer("Pooling", f"pooling_param {{ pool: MAX {geometry} }}", phase=phase)
+        bottom, top = Blob(layer.backend, x.shape), [Blob(layer.backend)]
+        bottom.data[...] = x
+        layer.setup([bottom], top)
+        layer.reshape([bottom], top)
+        layer.forward([bottom], top)
+        if phase == PHASE_TEST:
+            assert layer._argmax is None
+        dy = rng.normal(size=top[0].shape) if dy is None else dy
+        top[0].diff[...] = dy
+        layer.backward(top, [True], [bottom])
+        results.append((top[0].data.copy(), bottom.diff.copy()))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])

@@ -100,6 +100,24 @@ if AVAILABLE:
                         arg[n, c, y, xx] = a
 
     @njit(parallel=False, cache=True, nogil=True)
+    def _max_pool_values(x: Any, best: Any, kh: int, kw: int, sh: int, sw: int,
+                         ph: int, pw: int) -> None:
+        n_img, c_in, h, w = x.shape
+        oh, ow = best.shape[2], best.shape[3]
+        lowest = best.dtype.type(-3.4028234663852886e38)
+        for n in range(n_img):
+            for c in range(c_in):
+                for y in range(oh):
+                    hs, he = max(y * sh - ph, 0), min(y * sh - ph + kh, h)
+                    for xx in range(ow):
+                        ws, we = max(xx * sw - pw, 0), min(xx * sw - pw + kw, w)
+                        m = lowest
+                        for hy in range(hs, he):
+                            for wx in range(ws, we):
+                                m = max(m, x[n, c, hy, wx])
+                        best[n, c, y, xx] = m
+
+    @njit(parallel=False, cache=True, nogil=True)
     def _max_pool_backward(dy: Any, arg: Any, dx: Any, kh: int, kw: int, sh: int, sw: int,
                            ph: int, pw: int) -> None:
         n_img, c_in, h, w = dx.shape
@@ -170,6 +188,10 @@ def col2im(col: np.ndarray, out: np.ndarray, geometry: tuple[int, ...], oh: int,
 def max_pool(x: np.ndarray, best: np.ndarray, arg: np.ndarray,
              geometry: tuple[int, ...]) -> None:
     _max_pool(np.ascontiguousarray(x), best, arg, *geometry)
+
+
+def max_pool_values(x: np.ndarray, best: np.ndarray, geometry: tuple[int, ...]) -> None:
+    _max_pool_values(np.ascontiguousarray(x), best, *geometry)
 
 
 def max_pool_backward(dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,

@@ -125,6 +125,10 @@ class NumpyBackend(Backend):
                  geometry: tuple[int, ...]) -> None:
         kernels.max_pool(x, best, arg, geometry)
 
+    def max_pool_values(self, x: np.ndarray, best: np.ndarray,
+                        geometry: tuple[int, ...]) -> None:
+        kernels.max_pool_values(x, best, geometry)
+
     def max_pool_backward(self, dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
                           geometry: tuple[int, ...]) -> None:
         kernels.max_pool_backward(dy, arg, dx, geometry)

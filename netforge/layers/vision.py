@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from netforge.backend.base import Backend
 from netforge.blob import Blob
-from netforge.layers.base import Layer, LayerError, register
+from netforge.layers.base import PHASE_TRAIN, Layer, LayerError, register
 from netforge.proto import pb
 
 FLT_MAX = 3.4028234663852886e38  # Caffe starts every max at -FLT_MAX, whatever the dtype
@@ -478,7 +478,11 @@ class Pooling(Layer):
             else:
                 top[0].data[...] = self._average(x)
             return
-        if self._compiled(x):
+        if self._compiled(x) and self.phase != PHASE_TRAIN and len(top) == 1:
+            # TEST needs no argmax: a branch-free max; backward (rare in TEST) recomputes it.
+            self.backend.max_pool_values(x, top[0].data, self._geometry())
+            self._argmax = None
+        elif self._compiled(x):
             arg = getattr(self, "_argmax", None)
             if arg is None or arg.shape != top[0].shape:
                 arg = self.xp.empty(top[0].shape, dtype=self.xp.int32)
@@ -543,6 +547,10 @@ class Pooling(Layer):
                 self.backend.ave_pool_backward(dy, bottom[0].diff, self._pool_size(h, w),
                                                self._geometry())
             else:
+                if self._argmax is None:  # forward skipped it (TEST phase)
+                    best = self.xp.empty(dy.shape, dtype=x.dtype)
+                    self._argmax = self.xp.empty(dy.shape, dtype=self.xp.int32)
+                    self.backend.max_pool(x, best, self._argmax, self._geometry())
                 self.backend.max_pool_backward(dy, self._argmax, bottom[0].diff,
                                                self._geometry())
             return
