@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
 
 
-class Backend:
+class Backend(ABC):
     """An array module (``xp``) plus the few kernels that need a device-specific fast path.
 
     ``xp`` is numpy or cupy. ``dtype`` is the float type of every blob (float32 by default;
@@ -40,7 +41,7 @@ class Backend:
     def to_numpy(self, a: Any) -> np.ndarray:
         return np.asarray(a)
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - a no-op by default, not abstract
         """Wait for queued device work (a no-op on the CPU); used for timing."""
 
     def pad(self, x: Any, ph: int, pw: int, value: float = 0.0, extra_h: int = 0,
@@ -55,30 +56,32 @@ class Backend:
         out[:, :, ph:ph + h, pw:pw + w] = x
         return out
 
-    # -- kernels (implemented per backend) --------------------------------------------------------
+    # -- kernels: every backend implements these -----------------------------------------------
+    @abstractmethod
     def im2col_cnhw(self, x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                     dh: int, dw: int, out: Any = None) -> Any:
         """(N, C, H, W) -> (C·kh·kw, N·oh·ow) columns (the batch folded into the columns)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def col2im_cnhw(self, col: Any, shape: tuple[int, ...], kh: int, kw: int, sh: int,
                     sw: int, ph: int, pw: int, dh: int, dw: int, out: Any = None) -> Any:
         """The adjoint of ``im2col_cnhw``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sliding_windows(self, x: Any, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int,
                         dh: int = 1, dw: int = 1) -> Any:
         """A read-only (N, C, kh, kw, oh, ow) view of the windows of an (N, C, H, W) array."""
-        raise NotImplementedError
 
+    @abstractmethod
     def scatter_add(self, target: Any, flat_index: Any, values: Any) -> None:
         """``target.flat[flat_index] += values``, summing repeated indices."""
-        raise NotImplementedError
 
+    @abstractmethod
     def im2col(self, x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                dh: int, dw: int) -> Any:
-        raise NotImplementedError
+        """(N, C, H, W) -> (N, C·kh·kw, oh·ow) columns, rows ordered (c, i, j) like Caffe."""
 
+    @abstractmethod
     def col2im(self, col: Any, shape: tuple[int, ...], kh: int, kw: int, sh: int, sw: int,
                ph: int, pw: int, dh: int, dw: int) -> Any:
-        raise NotImplementedError
+        """The adjoint of ``im2col``."""

@@ -107,8 +107,35 @@ def check_first_axis(data: Blob, labels: Blob, what: str = "label") -> int:
     return data.shape[0]
 
 
+class _SoftmaxClassLoss(LossLayer):
+    """A softmax over the classes along an axis, with one label per other position (shared by
+    SoftmaxWithLoss and InfogainLoss); an optional second top is the softmax."""
+
+    def reshape_classes(self, bottom: Sequence[Blob], top: Sequence[Blob], axis: int,
+                        what: str) -> None:
+        try:
+            self.axis = bottom[0].canonical_axis(axis)
+        except IndexError as e:
+            raise LayerError(f"{what}: {e}") from None
+        self.outer, self.channels, self.inner = split_axis(bottom[0], self.axis)
+        check_labels(bottom[1], self.outer, self.inner, bottom[0], self.axis)
+        top[0].reshape(())
+        if len(top) > 1:
+            top[1].reshape_like(bottom[0])
+
+    def softmax_and_labels(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+        """Sets ``prob`` (outer, K, inner), ``label`` and ``valid`` (outer, inner)."""
+        xp = self.xp
+        shape3 = (self.outer, self.channels, self.inner)
+        self.prob = softmax(xp, bottom[0].data.reshape(shape3), 1)
+        self.label, self.valid = class_labels(xp, bottom[1], self.outer, self.channels,
+                                              self.inner, self.ignore)
+        if len(top) > 1:
+            top[1].data[...] = self.prob.reshape(bottom[0].shape)
+
+
 @register
-class SoftmaxWithLoss(LossLayer):
+class SoftmaxWithLoss(_SoftmaxClassLoss):
     """−Σ log(max(p_label, FLT_MIN)) / normalizer, with an optional second top: the softmax."""
 
     type = "SoftmaxWithLoss"
@@ -119,27 +146,14 @@ class SoftmaxWithLoss(LossLayer):
         self.read_loss_param(NORM.VALID)
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        try:
-            self.axis = bottom[0].canonical_axis(self.param.softmax_param.axis)
-        except IndexError as e:
-            raise LayerError(f"softmax_param.axis: {e}") from None
-        self.outer, self.channels, self.inner = split_axis(bottom[0], self.axis)
-        check_labels(bottom[1], self.outer, self.inner, bottom[0], self.axis)
-        top[0].reshape(())
-        if len(top) > 1:
-            top[1].reshape_like(bottom[0])
+        self.reshape_classes(bottom, top, self.param.softmax_param.axis, "softmax_param.axis")
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
-        shape3 = (self.outer, self.channels, self.inner)
-        self.prob = softmax(xp, bottom[0].data.reshape(shape3), 1)
-        self.label, self.valid = class_labels(xp, bottom[1], self.outer, self.channels,
-                                              self.inner, self.ignore)
+        self.softmax_and_labels(bottom, top)
         p = xp.take_along_axis(self.prob, self.label[:, None, :], axis=1)[:, 0, :]
         loss = -(xp.log(xp.maximum(p, FLT_MIN)) * self.valid).sum()
         top[0].data[...] = loss / self.normalizer(self.valid.sum())
-        if len(top) > 1:
-            top[1].data[...] = self.prob.reshape(bottom[0].shape)
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
@@ -150,7 +164,7 @@ class SoftmaxWithLoss(LossLayer):
         xp = self.xp
         onehot = xp.arange(self.channels)[None, :, None] == self.label[:, None, :]
         diff = (self.prob - onehot) * self.valid[:, None, :]
-        scale = top[0].diff.reshape(-1)[0] / self.normalizer(self.valid.sum())
+        scale = scalar_diff(top[0]) / self.normalizer(self.valid.sum())
         bottom[0].diff[...] = (diff * scale).reshape(bottom[0].shape)
 
 
@@ -361,7 +375,7 @@ class MultinomialLogisticLoss(LossLayer):
 
 
 @register
-class InfogainLoss(LossLayer):
+class InfogainLoss(_SoftmaxClassLoss):
     """Softmax along infogain_loss_param.axis, then −Σ_k H[label, k]·log(max(p_k, 1e-20)) per
     non-ignored position, / the loss_param normalizer (VALID by default). H (K × K) is the third
     bottom or the BlobProto file infogain_loss_param.source; with H = I this is
@@ -397,21 +411,14 @@ class InfogainLoss(LossLayer):
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         check_first_axis(bottom[0], bottom[1])
-        try:
-            self.axis = bottom[0].canonical_axis(self.param.infogain_loss_param.axis)
-        except IndexError as e:
-            raise LayerError(f"infogain_loss_param.axis: {e}") from None
-        self.outer, self.channels, self.inner = split_axis(bottom[0], self.axis)
-        check_labels(bottom[1], self.outer, self.inner, bottom[0], self.axis)
+        self.reshape_classes(bottom, top, self.param.infogain_loss_param.axis,
+                             "infogain_loss_param.axis")
         k = self.channels
         h_count = bottom[2].count if len(bottom) > 2 else int(self.h_file.size)
         if h_count != k * k:
             where = "bottom 2" if len(bottom) > 2 else f"'{self.param.infogain_loss_param.source}'"
             raise LayerError(f"the infogain matrix H ({where}) has {h_count} values; it must "
                              f"be {k}×{k} = {k * k} for the {k} classes along axis {self.axis}")
-        top[0].reshape(())
-        if len(top) > 1:
-            top[1].reshape_like(bottom[0])
 
     def matrix(self, bottom: Sequence[Blob]) -> Any:
         h = bottom[2].data if len(bottom) > 2 else self.h_file
@@ -419,16 +426,11 @@ class InfogainLoss(LossLayer):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
-        shape3 = (self.outer, self.channels, self.inner)
-        self.prob = softmax(xp, bottom[0].data.reshape(shape3), 1)
-        self.label, self.valid = class_labels(xp, bottom[1], self.outer, self.channels,
-                                              self.inner, self.ignore)
+        self.softmax_and_labels(bottom, top)
         h_rows = self.matrix(bottom)[self.label].transpose(0, 2, 1)  # (outer, K, inner)
         log_p = xp.log(xp.maximum(self.prob, LOG_THRESHOLD))
         loss = -(h_rows * log_p * self.valid[:, None, :]).sum()
         top[0].data[...] = loss / self.normalizer(self.valid.sum())
-        if len(top) > 1:
-            top[1].data[...] = self.prob.reshape(bottom[0].shape)
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:

@@ -288,19 +288,29 @@ class Convolution(_ConvolutionBase):
     type = "Convolution"
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        for b, t in zip(bottom, top, strict=True):
-            for part in self._chunks(b.data):
-                self._apply(self._cols(b.data[part], "col"), t.data[part])
+        self._kept: dict[int, Any] = {}  # bottom index -> its columns, for backward
+        for i, (b, t) in enumerate(zip(bottom, top, strict=True)):
+            parts = self._chunks(b.data)
+            for part in parts:
+                col = self._cols(b.data[part], f"col{i}")
+                self._apply(col, t.data[part])
+            if len(parts) == 1 and self.phase == PHASE_TRAIN:
+                self._kept[i] = col
             self._add_bias(t)
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
-        # The columns are recomputed chunk by chunk rather than kept from forward.
+        # Columns kept from forward (TRAIN, one chunk) are reused; otherwise recomputed per
+        # chunk, as Caffe's backward recomputes im2col.
+        kept = getattr(self, "_kept", {})
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
             for part in self._chunks(b.data):
                 dy = self._to_cn(t.diff[part], "dy")
                 self._bias_grad(dy)
-                self._weight_grad(self._cols(b.data[part], "col"), dy)
+                col = kept.get(i)
+                if col is None:
+                    col = self._cols(b.data[part], f"col{i}")
+                self._weight_grad(col, dy)
                 if propagate_down[i]:
                     self._apply_t(dy, b.diff[part])
 
