@@ -505,13 +505,14 @@ class Net:
             self.blobs[name].data[...] = arr
         end = len(self.layers) - 1 if end is None else end
         loss = 0.0
-        for i in range(start, end + 1):
-            layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
-            layer.reshape(bottom, top)
-            layer.forward(bottom, top)
-            for t, w in zip(top, self.loss_weights[i], strict=True):
-                if w:
-                    loss += w * float(t.data.sum())
+        with self.backend.running():
+            for i in range(start, end + 1):
+                layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
+                layer.reshape(bottom, top)
+                layer.forward(bottom, top)
+                for t, w in zip(top, self.loss_weights[i], strict=True):
+                    if w:
+                        loss += w * float(t.data.sum())
         self.loss = loss
         return {name: self.blobs[name].data for name in self.outputs}
 
@@ -524,10 +525,11 @@ class Net:
 
     def backward(self) -> None:
         self.backward_prepare()
-        for i in reversed(range(len(self.layers))):
-            if self.layer_need_backward[i]:
-                self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i],
-                                        self.bottom_vecs[i])
+        with self.backend.running():
+            for i in reversed(range(len(self.layers))):
+                if self.layer_need_backward[i]:
+                    self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i],
+                                            self.bottom_vecs[i])
 
     def forward_backward(self) -> float:
         self.forward()

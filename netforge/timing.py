@@ -30,7 +30,6 @@ class Timing:
 
 def time_net(net: Net, iterations: int = 50, warmup: int = 1) -> Timing:
     """Time ``iterations`` forward-backward passes after ``warmup`` untimed ones."""
-    sync = net.backend.synchronize
     initial = 0.0
     for _ in range(warmup):
         net.forward()
@@ -39,6 +38,16 @@ def time_net(net: Net, iterations: int = 50, warmup: int = 1) -> Timing:
     n = len(net.layers)
     fwd, bwd = [0.0] * n, [0.0] * n
     per_iter = []
+    with net.backend.running():
+        _timed_passes(net, iterations, fwd, bwd, per_iter)
+    scale = 1e3 / max(iterations, 1)
+    return Timing(iterations, list(net.layer_names), [t * scale for t in fwd],
+                  [t * scale for t in bwd], per_iter, initial)
+
+
+def _timed_passes(net: Net, iterations: int, fwd: list[float], bwd: list[float],
+                  per_iter: list[float]) -> None:
+    sync, n = net.backend.synchronize, len(net.layers)
     for _ in range(iterations):
         start = time.perf_counter()
         for i, layer in enumerate(net.layers):
@@ -57,6 +66,3 @@ def time_net(net: Net, iterations: int = 50, warmup: int = 1) -> Timing:
             sync()
             bwd[i] += time.perf_counter() - t0
         per_iter.append((time.perf_counter() - start) * 1e3)
-    scale = 1e3 / max(iterations, 1)
-    return Timing(iterations, list(net.layer_names), [t * scale for t in fwd],
-                  [t * scale for t in bwd], per_iter, initial)

@@ -21,11 +21,11 @@ def test_im2col_layouts_agree(case: tuple[int, ...]) -> None:
     n, c, h, w, *k = case
     x = np.random.default_rng(0).normal(size=(n, c, h, w))
     per_image = B.im2col(x, *k)                      # (N, K, P)
-    folded = B.im2col_cnhw(x, *k)                    # (K, N·P)
+    rows = B.im2col_rows(x, *k)                      # (N·P, K)
     _, kk, p = per_image.shape
-    np.testing.assert_array_equal(folded.reshape(kk, n, p).transpose(1, 0, 2), per_image)
-    again = B.im2col_cnhw(x, *k, out=folded)
-    assert again is folded
+    np.testing.assert_array_equal(rows.reshape(n, p, kk).transpose(0, 2, 1), per_image)
+    again = B.im2col_rows(x, *k, out=rows)
+    assert again is rows
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -35,13 +35,14 @@ def test_col2im_is_the_adjoint(case: tuple[int, ...]) -> None:
     rng = np.random.default_rng(1)
     x = rng.normal(size=(n, c, h, w))
     cols = B.im2col(x, *k)
-    cn = B.im2col_cnhw(x, *k)
+    rows = B.im2col_rows(x, *k)
     a = rng.normal(size=cols.shape)
-    b = rng.normal(size=cn.shape)
+    b = rng.normal(size=rows.shape)
     assert np.vdot(cols, a) == pytest.approx(np.vdot(x, B.col2im(a, x.shape, *k)))
     out = np.full(x.shape, 7.0)
-    back = B.col2im_cnhw(b, x.shape, *k, out=out)
-    assert np.vdot(cn, b) == pytest.approx(np.vdot(x, back))
+    back = B.col2im_rows(b, x.shape, *k, out=out)
+    assert back is out
+    assert np.vdot(rows, b) == pytest.approx(np.vdot(x, back))
 
 
 def test_pad() -> None:
@@ -60,6 +61,7 @@ BIG = [  # large enough for the compiled path
     (8, 16, 20, 18, 5, 5, 1, 1, 0, 0, 1, 1),
     (6, 12, 17, 19, 3, 3, 2, 2, 2, 1, 1, 1),
     (4, 8, 24, 24, 3, 2, 1, 2, 1, 0, 2, 1),
+    (4, 8, 24, 22, 3, 3, 2, 3, 3, 4, 2, 2),  # windows wholly in the padding
 ]
 
 
@@ -69,19 +71,20 @@ def test_compiled_im2col_col2im_match_numpy(case: tuple[int, ...]) -> None:
     n, c, h, w, *k = case
     fast, slow = NumpyBackend("float64"), NumpyBackend("float64", compiled=False)
     x = np.random.default_rng(2).normal(size=(n, c, h, w))
-    cols = fast.im2col_cnhw(x, *k)
+    cols = fast.im2col_rows(x, *k)
     assert fast.use_compiled(cols.size)
-    np.testing.assert_array_equal(cols, slow.im2col_cnhw(x, *k))
+    np.testing.assert_array_equal(cols, slow.im2col_rows(x, *k))
     d = np.random.default_rng(3).normal(size=cols.shape)
-    np.testing.assert_allclose(fast.col2im_cnhw(d, x.shape, *k, out=np.empty(x.shape)),
-                               slow.col2im_cnhw(d, x.shape, *k), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(fast.col2im_rows(d, x.shape, *k, out=np.empty(x.shape)),
+                               slow.col2im_rows(d, x.shape, *k), rtol=1e-12, atol=1e-12)
 
 
 @kernels_available
 @pytest.mark.parametrize("pool", ["MAX", "AVE"])
 @pytest.mark.parametrize("geometry", [
     "kernel_size: 2 stride: 2", "kernel_size: 3 stride: 2", "kernel_size: 3 stride: 2 pad: 1",
-    "kernel_h: 3 kernel_w: 2 stride_h: 1 stride_w: 2 pad_h: 1 pad_w: 0"])
+    "kernel_h: 3 kernel_w: 2 stride_h: 1 stride_w: 2 pad_h: 1 pad_w: 0",
+    "kernel_size: 2 stride: 3", "kernel_size: 4 stride: 3 pad: 2"])
 def test_compiled_pooling_matches_numpy(pool: str, geometry: str) -> None:
     from netforge.blob import Blob
     from tests.helpers import make_layer
@@ -106,33 +109,84 @@ def test_compiled_pooling_matches_numpy(pool: str, geometry: str) -> None:
 
 @pytest.mark.parametrize("params", ["num_output: 4 kernel_size: 3 pad: 1",
                                     "num_output: 6 kernel_size: 2 stride: 2 group: 2"])
-def test_convolution_in_chunks_equals_whole_batch(monkeypatch: pytest.MonkeyPatch,
-                                                  params: str) -> None:
-    """Convolution processes big batches in chunks of images; the result must not depend on
-    the chunking (budget of one image vs the whole batch at once)."""
+def test_convolution_in_parts_equals_whole_batch(monkeypatch: pytest.MonkeyPatch,
+                                                 params: str) -> None:
+    """Convolution splits a batch into parts (one per worker, more past the column budget),
+    run concurrently; the result must not depend on the split: the whole batch at once, one
+    image per part, two workers with one part each, three workers with two parts each."""
     from netforge.layers.vision import _ConvolutionBase
     from tests.helpers import blob, make_layer, tops
 
     results = []
-    for budget in (1 << 30, 1):
+    for workers, budget, n_parts in ((1, 1 << 30, 1), (1, 1, 6), (2, 1 << 30, 2), (3, 1, 6)):
         monkeypatch.setattr(_ConvolutionBase, "COLUMN_BUDGET", budget)
         layer = make_layer("Convolution", f"convolution_param {{ {params} "
                                           "weight_filler { type: 'gaussian' } "
                                           "bias_filler { type: 'gaussian' } }")
-        bottom, top = [blob((5, 4, 7, 6))], tops(1)
+        layer.backend = NumpyBackend("float64", workers=workers)
+        layer.backend.parallel_min = 0
+        if layer.backend.workers != workers:
+            pytest.skip("no per-thread BLAS control here: batch parallelism is off")
+        bottom, top = [blob((6, 4, 7, 6))], tops(1)
         layer.setup(bottom, top)
         layer.reshape(bottom, top)
-        assert len(layer._chunks(bottom[0].data)) == (1 if budget > 1 else 5)
+        assert len(layer._parts(bottom[0].data)) == n_parts
         layer.forward(bottom, top)
         top[0].diff[...] = np.random.default_rng(5).normal(size=top[0].shape)
+        for b in layer.blobs:
+            b.diff[...] = 1.0  # backward accumulates into the parameter diffs
         layer.backward(top, [True], bottom)
         results.append((top[0].data.copy(), bottom[0].diff.copy(),
                         [b.diff.copy() for b in layer.blobs]))
-    (y1, dx1, dw1), (y2, dx2, dw2) = results
-    np.testing.assert_allclose(y1, y2, rtol=1e-12)
-    np.testing.assert_allclose(dx1, dx2, rtol=1e-12, atol=1e-14)
-    for a, b in zip(dw1, dw2, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    y1, dx1, dw1 = results[0]
+    for y2, dx2, dw2 in results[1:]:
+        np.testing.assert_allclose(y1, y2, rtol=1e-12)
+        np.testing.assert_allclose(dx1, dx2, rtol=1e-12, atol=1e-14)
+        for a, b in zip(dw1, dw2, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_parallel_runs_parts_round_robin_and_reraises() -> None:
+    """Part k runs on worker k mod W, each worker in order, results in part order; an error in
+    any part is raised in the caller after every worker has stopped."""
+    import threading
+
+    backend = NumpyBackend("float64", workers=2)
+    if backend.workers != 2:
+        pytest.skip("no per-thread BLAS control here: batch parallelism is off")
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    threads: dict[int, set[int]] = {0: set(), 1: set()}
+
+    def record(slot: int, k: int) -> int:
+        seen[slot].append(k)
+        threads[slot].add(threading.get_ident())
+        return k * k
+
+    assert backend.parallel(record, 5) == [0, 1, 4, 9, 16]
+    assert seen == {0: [0, 2, 4], 1: [1, 3]}
+    assert threads[0] == {threading.get_ident()} and threading.get_ident() not in threads[1]
+
+    def fail(slot: int, k: int) -> int:
+        if k == 3:
+            raise ValueError("part 3")
+        return k
+
+    with pytest.raises(ValueError, match="part 3"):
+        backend.parallel(fail, 4)
+    assert backend.parallel(lambda s, k: k, 3) == [0, 1, 2]  # the pool still works
+
+
+def test_batch_parts() -> None:
+    """One part per worker once the work is worth splitting; more (a multiple of the workers)
+    past the budget; never more parts than items."""
+    backend = NumpyBackend("float64", workers=2)
+    backend.workers = 2  # the split itself does not need threads
+    backend.parallel_min = 100
+    assert backend.batch_parts(64, 99) == [slice(0, 64)]
+    assert backend.batch_parts(64, 100) == [slice(0, 32), slice(32, 64)]
+    assert len(backend.batch_parts(64, 1000, budget=300)) == 4
+    assert backend.batch_parts(1, 1000) == [slice(0, 1)]
+    assert backend.batch_parts(3, 1000) == [slice(0, 2), slice(2, 3)]
 
 
 @kernels_available

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 class Backend(ABC):
@@ -27,6 +31,35 @@ class Backend(ABC):
 
     def __init__(self, dtype: str = "float32"):
         self.dtype = np.dtype(dtype)
+
+    # -- batch parallelism ------------------------------------------------------------------------
+    # How many parts of a batch run at once (1: everything in the caller, the device's own
+    # parallelism doing the rest).
+    workers = 1
+    # Below this much work (multiply-adds, or elements touched) a layer does not split its
+    # batch: waking a worker costs tens of microseconds, about what this much work takes.
+    parallel_min = 1 << 19
+
+    def batch_parts(self, n: int, cost: int, budget: int | None = None) -> list[slice]:
+        """Slices of a batch of ``n`` items costing ``cost`` in all: one per worker when the
+        work is worth splitting, and as many more (a multiple of the workers) as keep each
+        part's cost within ``budget``."""
+        count = 1 if budget is None else -(-cost // budget)
+        if self.workers > 1 and cost >= self.parallel_min:
+            count = -(-max(count, self.workers) // self.workers) * self.workers
+        count = max(1, min(n, count))
+        size = -(-n // count)
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def running(self) -> AbstractContextManager[None]:
+        """Entered while a net runs forward or backward (the CPU backend pins BLAS to one
+        thread per worker there)."""
+        return nullcontext()
+
+    def parallel(self, fn: Callable[[int, int], T], count: int) -> list[T]:
+        """[fn(worker, k) for k in range(count)]: part k runs on worker k mod ``workers``
+        (worker 0 being the caller), the workers concurrently."""
+        return [fn(0, k) for k in range(count)]
 
     # -- arrays -------------------------------------------------------------------------------
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Any:
@@ -58,14 +91,14 @@ class Backend(ABC):
 
     # -- kernels: every backend implements these -----------------------------------------------
     @abstractmethod
-    def im2col_cnhw(self, x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+    def im2col_rows(self, x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                     dh: int, dw: int, out: Any = None) -> Any:
-        """(N, C, H, W) -> (C·kh·kw, N·oh·ow) columns (the batch folded into the columns)."""
+        """(N, C, H, W) -> rows (N·oh·ow, C·kh·kw): one row per output pixel of every image."""
 
     @abstractmethod
-    def col2im_cnhw(self, col: Any, shape: tuple[int, ...], kh: int, kw: int, sh: int,
+    def col2im_rows(self, col: Any, shape: tuple[int, ...], kh: int, kw: int, sh: int,
                     sw: int, ph: int, pw: int, dh: int, dw: int, out: Any = None) -> Any:
-        """The adjoint of ``im2col_cnhw``."""
+        """The adjoint of ``im2col_rows``."""
 
     @abstractmethod
     def sliding_windows(self, x: Any, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int,

@@ -1,16 +1,17 @@
 """Compiled CPU kernels (numba), used by the NumPy backend when numba is installed.
 
 These are the loops NumPy cannot express without copies: im2col/col2im into and out of the
-(C·kh·kw, N·oh·ow) column layout, and max/average pooling. The kernels are single-threaded:
-OpenBLAS already uses every core for the GEMMs around them, and a second thread pool would
-fight it for the cores. Each has a pure-NumPy twin in numpy_backend.py / the
-Pooling layer that the tests compare it with. Install with ``pip install netforge[fast]``;
+(N·oh·ow, C·kh·kw) row layout, and max/average pooling. Each kernel is single-threaded and
+releases the GIL; the backend runs them on parts of the batch on every core (threads.py).
+Each has a pure-NumPy twin in numpy_backend.py / the Pooling layer that the tests compare it
+with. Install with ``pip install netforge[fast]``;
 set NETFORGE_NUMBA=0 to turn them off.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -28,96 +29,6 @@ except ImportError:  # pragma: no cover
 if AVAILABLE:
 
     @njit(parallel=False, cache=True, nogil=True)
-    def _im2col(x: Any, out: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
-                dh: int, dw: int, oh: int, ow: int) -> None:
-        n_img, c_in, h, w = x.shape
-        d = out.reshape(c_in, kh, kw, n_img, oh, ow)
-        for c in range(c_in):
-            for i in range(kh):
-                for j in range(kw):
-                    for n in range(n_img):
-                        for y in range(oh):
-                            hy = y * sh - ph + i * dh
-                            if hy < 0 or hy >= h:
-                                for xx in range(ow):
-                                    d[c, i, j, n, y, xx] = 0.0
-                                continue
-                            for xx in range(ow):
-                                wx = xx * sw - pw + j * dw
-                                if 0 <= wx < w:
-                                    d[c, i, j, n, y, xx] = x[n, c, hy, wx]
-                                else:
-                                    d[c, i, j, n, y, xx] = 0.0
-
-    @njit(parallel=False, cache=True, nogil=True)
-    def _col2im(col: Any, out: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
-                dh: int, dw: int, oh: int, ow: int) -> None:
-        n_img, c_in, h, w = out.shape
-        d = col.reshape(c_in, kh, kw, n_img, oh, ow)
-        for c in range(c_in):
-            for n in range(n_img):
-                for y in range(h):
-                    for xx in range(w):
-                        out[n, c, y, xx] = 0.0
-                for i in range(kh):
-                    for j in range(kw):
-                        for y in range(oh):
-                            hy = y * sh - ph + i * dh
-                            if hy < 0 or hy >= h:
-                                continue
-                            for xx in range(ow):
-                                wx = xx * sw - pw + j * dw
-                                if 0 <= wx < w:
-                                    out[n, c, hy, wx] += d[c, i, j, n, y, xx]
-
-    @njit(parallel=False, cache=True, nogil=True)
-    def _max_pool(x: Any, best: Any, arg: Any, kh: int, kw: int, sh: int, sw: int,
-                  ph: int, pw: int) -> None:
-        n_img, c_in, h, w = x.shape
-        oh, ow = best.shape[2], best.shape[3]
-        lowest = best.dtype.type(-3.4028234663852886e38)
-        for n in range(n_img):
-            for c in range(c_in):
-                for y in range(oh):
-                    h0 = y * sh - ph
-                    hs, he = max(h0, 0), min(h0 + kh, h)
-                    for xx in range(ow):
-                        w0 = xx * sw - pw
-                        ws, we = max(w0, 0), min(w0 + kw, w)
-                        if hs >= he or ws >= we:
-                            best[n, c, y, xx] = lowest
-                            arg[n, c, y, xx] = -1
-                            continue
-                        m = x[n, c, hs, ws]
-                        a = (hs - h0) * kw + (ws - w0)
-                        for hy in range(hs, he):
-                            for wx in range(ws, we):
-                                v = x[n, c, hy, wx]
-                                if v > m:
-                                    m = v
-                                    a = (hy - h0) * kw + (wx - w0)
-                        best[n, c, y, xx] = m
-                        arg[n, c, y, xx] = a
-
-    @njit(parallel=False, cache=True, nogil=True)
-    def _max_pool_values(x: Any, best: Any, kh: int, kw: int, sh: int, sw: int,
-                         ph: int, pw: int) -> None:
-        n_img, c_in, h, w = x.shape
-        oh, ow = best.shape[2], best.shape[3]
-        lowest = best.dtype.type(-3.4028234663852886e38)
-        for n in range(n_img):
-            for c in range(c_in):
-                for y in range(oh):
-                    hs, he = max(y * sh - ph, 0), min(y * sh - ph + kh, h)
-                    for xx in range(ow):
-                        ws, we = max(xx * sw - pw, 0), min(xx * sw - pw + kw, w)
-                        m = lowest
-                        for hy in range(hs, he):
-                            for wx in range(ws, we):
-                                m = max(m, x[n, c, hy, wx])
-                        best[n, c, y, xx] = m
-
-    @njit(parallel=False, cache=True, nogil=True)
     def _max_pool_backward(dy: Any, arg: Any, dx: Any, kh: int, kw: int, sh: int, sw: int,
                            ph: int, pw: int) -> None:
         n_img, c_in, h, w = dx.shape
@@ -132,23 +43,6 @@ if AVAILABLE:
                     a = arg[n, c, y, xx]
                     if a >= 0:
                         dx[n, c, y * sh - ph + a // kw, xx * sw - pw + a % kw] += dy[n, c, y, xx]
-
-    @njit(parallel=False, cache=True, nogil=True)
-    def _ave_pool(x: Any, out: Any, size: Any, kh: int, kw: int, sh: int, sw: int,
-                  ph: int, pw: int) -> None:
-        n_img, c_in, h, w = x.shape
-        oh, ow = out.shape[2], out.shape[3]
-        for n in range(n_img):
-            for c in range(c_in):
-                for y in range(oh):
-                    hs, he = max(y * sh - ph, 0), min(y * sh - ph + kh, h)
-                    for xx in range(ow):
-                        ws, we = max(xx * sw - pw, 0), min(xx * sw - pw + kw, w)
-                        s = 0.0
-                        for hy in range(hs, he):
-                            for wx in range(ws, we):
-                                s += x[n, c, hy, wx]
-                        out[n, c, y, xx] = s / size[y, xx]
 
     @njit(parallel=False, cache=True, nogil=True)
     def _ave_pool_backward(dy: Any, dx: Any, size: Any, kh: int, kw: int, sh: int, sw: int,
@@ -173,25 +67,231 @@ if AVAILABLE:
                                 dx[n, c, hy, wx] += g
 
 
-def im2col(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...], oh: int,
-           ow: int) -> np.ndarray:
-    _im2col(np.ascontiguousarray(x), out, *geometry, oh, ow)
+# -- kernels made per geometry --------------------------------------------------------------------
+#
+# A convolution's or pooling's window loops are short (2x2, 3x3, 5x5) and their trip counts decide
+# everything: with the geometry a compile-time constant, LLVM unrolls the window (for pooling, into
+# a branch-free chain of compares and selects) and drops the bounds arithmetic, several times
+# faster than the same loops over run-time bounds. So each geometry gets its own compiled kernel,
+# made on first use (~0.3 s) and kept for the process. Windows that reach into the padding or past
+# the border (the first/last rows and columns) take the clipped, general path of the same kernel.
+
+_made: dict[tuple[Any, ...], Any] = {}
+_made_lock = threading.Lock()
+
+
+def _interior(n_out: int, size: int, extent: int, s: int, p: int) -> tuple[int, int]:
+    """The range [lo, hi) of outputs whose window (``extent`` wide) lies inside [0, size)."""
+    lo = min(-(-p // s), n_out)
+    hi = max(lo, min((size + p - extent) // s + 1, n_out))
+    return lo, hi
+
+
+def _kernel(kind: str, geometry: tuple[int, ...]) -> Any:
+    key = (kind, *geometry)
+    kernel = _made.get(key)
+    if kernel is None:
+        with _made_lock:  # two workers asking at once compile it once
+            kernel = _made.get(key)
+            if kernel is None:
+                kernel = _made[key] = _FACTORIES[kind](*geometry)
+    return kernel
+
+
+# -- im2col / col2im in the row layout: (N·oh·ow, C·kh·kw) -----------------------------------------
+
+def _make_im2col_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
+                      dw: int) -> Any:
+    @njit(nogil=True)
+    def kernel(x: Any, out: Any, oh: int, ow: int, x_lo: int, x_hi: int) -> None:
+        n_img, c_in, h, w = x.shape
+        for n in range(n_img):
+            for y in range(oh):
+                base = (n * oh + y) * ow
+                for c in range(c_in):
+                    for i in range(kh):
+                        hy = y * sh - ph + i * dh
+                        k0 = (c * kh + i) * kw
+                        if hy < 0 or hy >= h:
+                            for xx in range(ow):
+                                for j in range(kw):
+                                    out[base + xx, k0 + j] = 0.0
+                            continue
+                        src = x[n, c, hy]
+                        for xx in range(ow):
+                            row = out[base + xx]
+                            if x_lo <= xx < x_hi:
+                                for j in range(kw):  # unrolled
+                                    row[k0 + j] = src[xx * sw - pw + j * dw]
+                            else:
+                                for j in range(kw):
+                                    wx = xx * sw - pw + j * dw
+                                    row[k0 + j] = src[wx] if 0 <= wx < w else 0.0
+
+    return kernel
+
+
+def _make_col2im_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
+                      dw: int) -> Any:
+    @njit(nogil=True)
+    def kernel(col: Any, out: Any, oh: int, ow: int, x_lo: int, x_hi: int) -> None:
+        n_img, c_in, h, w = out.shape
+        for n in range(n_img):
+            out[n] = 0.0
+            for y in range(oh):
+                base = (n * oh + y) * ow
+                for c in range(c_in):
+                    for i in range(kh):
+                        hy = y * sh - ph + i * dh
+                        if hy < 0 or hy >= h:
+                            continue
+                        k0 = (c * kh + i) * kw
+                        dst = out[n, c, hy]
+                        for xx in range(ow):
+                            row = col[base + xx]
+                            if x_lo <= xx < x_hi:
+                                for j in range(kw):  # unrolled
+                                    dst[xx * sw - pw + j * dw] += row[k0 + j]
+                            else:
+                                for j in range(kw):
+                                    wx = xx * sw - pw + j * dw
+                                    if 0 <= wx < w:
+                                        dst[wx] += row[k0 + j]
+
+    return kernel
+
+
+def _column_bounds(w: int, ow: int, geometry: tuple[int, ...]) -> tuple[int, int]:
+    _, kw, _, sw, _, pw, _, dw = geometry
+    return _interior(ow, w, dw * (kw - 1) + 1, sw, pw)
+
+
+def im2col_rows(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...], oh: int,
+                ow: int) -> np.ndarray:
+    """(N, C, H, W) -> ``out`` (N·oh·ow, C·kh·kw); geometry = (kh, kw, sh, sw, ph, pw, dh, dw)."""
+    x = np.ascontiguousarray(x)
+    _kernel("im2col_rows", geometry)(x, out, oh, ow, *_column_bounds(x.shape[3], ow, geometry))
     return out
 
 
-def col2im(col: np.ndarray, out: np.ndarray, geometry: tuple[int, ...], oh: int,
-           ow: int) -> np.ndarray:
-    _col2im(np.ascontiguousarray(col), out, *geometry, oh, ow)
+def col2im_rows(col: np.ndarray, out: np.ndarray, geometry: tuple[int, ...], oh: int,
+                ow: int) -> np.ndarray:
+    """The adjoint of im2col_rows, written over ``out`` (N, C, H, W)."""
+    col = np.ascontiguousarray(col)
+    _kernel("col2im_rows", geometry)(col, out, oh, ow,
+                                     *_column_bounds(out.shape[3], ow, geometry))
     return out
+
+
+# -- pooling forward ---------------------------------------------------------------------------
+
+def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+                   with_arg: bool) -> Any:
+    @njit(nogil=True)
+    def clipped(p: Any, y: int, xx: int, h: int, w: int) -> tuple[Any, int]:
+        h0, w0 = y * sh - ph, xx * sw - pw
+        hs, he, ws, we = max(h0, 0), min(h0 + kh, h), max(w0, 0), min(w0 + kw, w)
+        if hs >= he or ws >= we:
+            return p.dtype.type(-3.4028234663852886e38), -1
+        m, a = p[hs, ws], (hs - h0) * kw + (ws - w0)
+        for hy in range(hs, he):
+            for wx in range(ws, we):
+                v = p[hy, wx]
+                if v > m:
+                    m, a = v, (hy - h0) * kw + (wx - w0)
+        return m, a
+
+    @njit(nogil=True)
+    def kernel(x: Any, best: Any, arg: Any, y_lo: int, y_hi: int, x_lo: int,
+               x_hi: int) -> None:
+        n_img, c_in, h, w = x.shape
+        oh, ow = best.shape[2], best.shape[3]
+        for n in range(n_img):
+            for c in range(c_in):
+                p = x[n, c]
+                for y in range(oh):
+                    b = best[n, c, y]
+                    a = arg[n, c, y] if with_arg else arg[0, 0, 0]
+                    inside = y_lo <= y < y_hi
+                    for xx in range(ow):
+                        if not (inside and x_lo <= xx < x_hi):
+                            m, k = clipped(p, y, xx, h, w)
+                            b[xx] = m
+                            if with_arg:
+                                a[xx] = k
+                    if not inside:
+                        continue
+                    y0 = y * sh - ph
+                    for xx in range(x_lo, x_hi):
+                        x0 = xx * sw - pw
+                        m, k = p[y0, x0], 0
+                        for i in range(kh):  # constant trip counts: unrolled
+                            for j in range(kw):
+                                v = p[y0 + i, x0 + j]
+                                up = v > m  # strict: the first of equal values wins
+                                k = i * kw + j if up else k
+                                m = v if up else m
+                        b[xx] = m
+                        if with_arg:
+                            a[xx] = k
+
+    return kernel
+
+
+def _make_ave_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
+    @njit(nogil=True)
+    def kernel(x: Any, out: Any, size: Any, y_lo: int, y_hi: int, x_lo: int,
+               x_hi: int) -> None:
+        n_img, c_in, h, w = x.shape
+        oh, ow = out.shape[2], out.shape[3]
+        for n in range(n_img):
+            for c in range(c_in):
+                p = x[n, c]
+                for y in range(oh):
+                    o = out[n, c, y]
+                    inside = y_lo <= y < y_hi
+                    h0 = y * sh - ph
+                    for xx in range(ow):
+                        w0 = xx * sw - pw
+                        s = 0.0
+                        if inside and x_lo <= xx < x_hi:
+                            for i in range(kh):  # constant trip counts: unrolled
+                                for j in range(kw):
+                                    s += p[h0 + i, w0 + j]
+                        else:
+                            for hy in range(max(h0, 0), min(h0 + kh, h)):
+                                for wx in range(max(w0, 0), min(w0 + kw, w)):
+                                    s += p[hy, wx]
+                        o[xx] = s / size[y, xx]
+
+    return kernel
+
+
+_FACTORIES: dict[str, Any] = {
+    "im2col_rows": _make_im2col_rows,
+    "col2im_rows": _make_col2im_rows,
+    "max": lambda *g: _make_max_pool(*g, with_arg=True),
+    "max_values": lambda *g: _make_max_pool(*g, with_arg=False),
+    "ave": _make_ave_pool,
+}
+
+
+def _pool_bounds(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...]) -> tuple[int, ...]:
+    kh, kw, sh, sw, ph, pw = geometry
+    return (*_interior(out.shape[2], x.shape[2], kh, sh, ph),
+            *_interior(out.shape[3], x.shape[3], kw, sw, pw))
 
 
 def max_pool(x: np.ndarray, best: np.ndarray, arg: np.ndarray,
              geometry: tuple[int, ...]) -> None:
-    _max_pool(np.ascontiguousarray(x), best, arg, *geometry)
+    x = np.ascontiguousarray(x)
+    _kernel("max", geometry)(x, best, arg, *_pool_bounds(x, best, geometry))
 
 
 def max_pool_values(x: np.ndarray, best: np.ndarray, geometry: tuple[int, ...]) -> None:
-    _max_pool_values(np.ascontiguousarray(x), best, *geometry)
+    x = np.ascontiguousarray(x)
+    unused = np.zeros((1, 1, 1, 1), dtype=np.int32)
+    _kernel("max_values", geometry)(x, best, unused, *_pool_bounds(x, best, geometry))
 
 
 def max_pool_backward(dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
@@ -201,7 +301,8 @@ def max_pool_backward(dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
 
 def ave_pool(x: np.ndarray, out: np.ndarray, size: np.ndarray,
              geometry: tuple[int, ...]) -> None:
-    _ave_pool(np.ascontiguousarray(x), out, size, *geometry)
+    x = np.ascontiguousarray(x)
+    _kernel("ave", geometry)(x, out, size, *_pool_bounds(x, out, geometry))
 
 
 def ave_pool_backward(dy: np.ndarray, dx: np.ndarray, size: np.ndarray,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from netforge.backend import kernels
-from netforge.backend.base import Backend
+from netforge.backend.base import Backend, T
+from netforge.backend.threads import shared_pool
 
 
 def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -18,14 +21,24 @@ def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
 
 class NumpyBackend(Backend):
     """NumPy arrays; with numba installed (netforge[fast]) the column and pooling loops run
-    as compiled kernels on every core (``compiled=False`` forces the pure-NumPy paths)."""
+    as compiled kernels (``compiled=False`` forces the pure-NumPy paths). Layers split their
+    batch over ``workers`` threads (every core by default; see backend/threads.py)."""
 
     name = "numpy"
     xp = np
 
-    def __init__(self, dtype: str = "float32", compiled: bool | None = None):
+    def __init__(self, dtype: str = "float32", compiled: bool | None = None,
+                 workers: int | None = None):
         super().__init__(dtype)
         self.compiled = kernels.AVAILABLE if compiled is None else compiled and kernels.AVAILABLE
+        self._pool = shared_pool(workers)
+        self.workers = self._pool.workers
+
+    def parallel(self, fn: Callable[[int, int], T], count: int) -> list[T]:
+        return self._pool.run(fn, count)
+
+    def running(self) -> AbstractContextManager[None]:
+        return self._pool.running()
 
     # Below this many elements a kernel launch costs more than NumPy's loops.
     compiled_min = 32768
@@ -69,77 +82,78 @@ class NumpyBackend(Backend):
                     wj:wj + sw * (ow - 1) + 1:sw] += cols[:, :, i, j]
         return out[:, :, ph:ph + h, pw:pw + w] if (ph or pw) else out
 
-    def im2col_cnhw(self, x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
-                    dh: int, dw: int, out: np.ndarray | None = None) -> np.ndarray:
-        """(N, C, H, W) -> columns (C·kh·kw, N·oh·ow): rows ordered (c, i, j) like Caffe, the
-        batch folded into the columns so that a whole convolution is one GEMM. Written into
-        ``out`` when it is given (and has the right size), to reuse one buffer."""
+    def im2col_rows(self, x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int,
+                    pw: int, dh: int, dw: int, out: np.ndarray | None = None) -> np.ndarray:
+        """(N, C, H, W) -> rows (N·oh·ow, C·kh·kw): one row per output pixel of every image,
+        its columns ordered (c, i, j) like Caffe's, so a whole convolution is one GEMM against
+        the (C·kh·kw, num_output) weights. Written into ``out`` when it is given (and has the
+        right size), to reuse one buffer."""
         n, c, h, w = x.shape
         oh = conv_out_size(h, kh, sh, ph, dh)
         ow = conv_out_size(w, kw, sw, pw, dw)
-        shape = (c * kh * kw, n * oh * ow)
+        shape = (n * oh * ow, c * kh * kw)
         if out is None or out.shape != shape or out.dtype != x.dtype:
             out = np.empty(shape, dtype=x.dtype)
         if self.use_compiled(out.size):
-            return kernels.im2col(x, out, (kh, kw, sh, sw, ph, pw, dh, dw), oh, ow)
+            return kernels.im2col_rows(x, out, (kh, kw, sh, sw, ph, pw, dh, dw), oh, ow)
         win = self.sliding_windows(self.pad(x, ph, pw), kh, kw, sh, sw, oh, ow, dh, dw)
-        np.copyto(out.reshape(c, kh, kw, n, oh, ow), win.transpose(1, 2, 3, 0, 4, 5))
+        np.copyto(out.reshape(n, oh, ow, c, kh, kw), win.transpose(0, 4, 5, 1, 2, 3))
         return out
 
-    def col2im_cnhw(self, col: np.ndarray, shape: tuple[int, ...], kh: int, kw: int, sh: int,
+    def col2im_rows(self, col: np.ndarray, shape: tuple[int, ...], kh: int, kw: int, sh: int,
                     sw: int, ph: int, pw: int, dh: int, dw: int,
                     out: np.ndarray | None = None) -> np.ndarray:
-        """The adjoint of im2col_cnhw: (C·kh·kw, N·oh·ow) columns summed back into an
+        """The adjoint of im2col_rows: (N·oh·ow, C·kh·kw) rows summed back into an
         (N, C, H, W) array (``out`` is overwritten when given)."""
         n, c, h, w = shape
         oh = conv_out_size(h, kh, sh, ph, dh)
         ow = conv_out_size(w, kw, sw, pw, dw)
+        if out is None or out.shape != tuple(shape) or out.dtype != col.dtype \
+                or not out.flags.c_contiguous:
+            out = np.empty(tuple(shape), dtype=col.dtype)
         if self.use_compiled(col.size):
-            if out is None or out.shape != tuple(shape) or out.dtype != col.dtype \
-                    or not out.flags.c_contiguous:
-                out = np.empty(tuple(shape), dtype=col.dtype)
-            return kernels.col2im(col, out, (kh, kw, sh, sw, ph, pw, dh, dw), oh, ow)
-        cols = col.reshape(c, kh, kw, n, oh, ow).transpose(3, 0, 1, 2, 4, 5)
+            return kernels.col2im_rows(col, out, (kh, kw, sh, sw, ph, pw, dh, dw), oh, ow)
+        rows = col.reshape(n, oh, ow, c, kh, kw).transpose(0, 3, 4, 5, 1, 2)
         padded = (n, c, h + 2 * ph, w + 2 * pw)
-        if ph or pw or out is None or out.shape != padded:
-            acc = np.zeros(padded, dtype=col.dtype)
-        else:
-            acc = out
+        acc = np.zeros(padded, dtype=col.dtype) if ph or pw else out
+        if acc is out:
             acc[...] = 0
         for i in range(kh):
             hi = i * dh
             for j in range(kw):
                 wj = j * dw
                 acc[:, :, hi:hi + sh * (oh - 1) + 1:sh,
-                    wj:wj + sw * (ow - 1) + 1:sw] += cols[:, :, i, j]
+                    wj:wj + sw * (ow - 1) + 1:sw] += rows[:, :, i, j]
         if ph or pw:
-            inner = acc[:, :, ph:ph + h, pw:pw + w]
-            if out is not None and out.shape == tuple(shape):
-                out[...] = inner
-                return out
-            return inner
-        return acc
+            out[...] = acc[:, :, ph:ph + h, pw:pw + w]
+        return out
 
-    # Pooling kernels (only when ``compiled``); geometry = (kh, kw, sh, sw, ph, pw).
+    # Pooling kernels (only when ``compiled``); geometry = (kh, kw, sh, sw, ph, pw). Each
+    # runs over parts of the batch on every worker.
+    def _per_part(self, kernel: Callable[..., None], batched: tuple[np.ndarray, ...],
+                  *args: Any) -> None:
+        parts = self.batch_parts(batched[0].shape[0], batched[0].size)
+        self.parallel(lambda _, k: kernel(*(a[parts[k]] for a in batched), *args), len(parts))
+
     def max_pool(self, x: np.ndarray, best: np.ndarray, arg: np.ndarray,
                  geometry: tuple[int, ...]) -> None:
-        kernels.max_pool(x, best, arg, geometry)
+        self._per_part(kernels.max_pool, (x, best, arg), geometry)
 
     def max_pool_values(self, x: np.ndarray, best: np.ndarray,
                         geometry: tuple[int, ...]) -> None:
-        kernels.max_pool_values(x, best, geometry)
+        self._per_part(kernels.max_pool_values, (x, best), geometry)
 
     def max_pool_backward(self, dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
                           geometry: tuple[int, ...]) -> None:
-        kernels.max_pool_backward(dy, arg, dx, geometry)
+        self._per_part(kernels.max_pool_backward, (dy, arg, dx), geometry)
 
     def ave_pool(self, x: np.ndarray, out: np.ndarray, size: np.ndarray,
                  geometry: tuple[int, ...]) -> None:
-        kernels.ave_pool(x, out, size, geometry)
+        self._per_part(kernels.ave_pool, (x, out), size, geometry)
 
     def ave_pool_backward(self, dy: np.ndarray, dx: np.ndarray, size: np.ndarray,
                           geometry: tuple[int, ...]) -> None:
-        kernels.ave_pool_backward(dy, dx, size, geometry)
+        self._per_part(kernels.ave_pool_backward, (dy, dx), size, geometry)
 
     def scatter_add(self, target: np.ndarray, flat_index: Any, values: Any) -> None:
         """target.flat[flat_index] += values, summing repeated indices."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from netforge.blob import Blob
 from netforge.layers.base import Layer, LayerError, register, shape_str
@@ -49,23 +50,45 @@ class InnerProduct(Layer):
         self.axis = axis
         top[0].reshape((*bottom[0].shape[:axis], self.num_output))
 
+    # The batch is split into parts that run on every worker (backend.parallel); the weight
+    # gradient is summed over the parts in part order.
+    def _parts(self, m: int) -> list[slice]:
+        return self.backend.batch_parts(m, m * self.k * self.num_output)
+
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         x = bottom[0].data.reshape(-1, self.k)
+        y = top[0].data.reshape(-1, self.num_output)
         w = self.blobs[0].data
-        y = x @ w if self.transpose else x @ w.T
-        if self.bias_term:
-            y += self.blobs[1].data
-        top[0].data[...] = y.reshape(top[0].shape)
+        wt = w if self.transpose else w.T
+        b = self.blobs[1].data if self.bias_term else None
+        parts = self._parts(x.shape[0])
+
+        def run(_: int, k: int) -> None:
+            part = parts[k]
+            self.xp.matmul(x[part], wt, out=y[part])
+            if b is not None:
+                y[part] += b
+
+        self.backend.parallel(run, len(parts))
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
         x = bottom[0].data.reshape(-1, self.k)
         dy = top[0].diff.reshape(-1, self.num_output)
-        weight = self.blobs[0]
-        weight.diff += x.T @ dy if self.transpose else dy.T @ x
-        if self.bias_term:
-            self.blobs[1].diff += dy.sum(axis=0)
-        if propagate_down[0]:
-            w = weight.data
-            bottom[0].diff[...] = (dy @ w.T if self.transpose else dy @ w).reshape(
-                bottom[0].shape)
+        weight, xp, down = self.blobs[0], self.xp, propagate_down[0]
+        dx = bottom[0].diff.reshape(-1, self.k) if down else None
+        parts = self._parts(x.shape[0])
+
+        def run(_: int, k: int) -> tuple[Any, Any]:
+            part = parts[k]
+            dw = x[part].T @ dy[part] if self.transpose else dy[part].T @ x[part]
+            db = dy[part].sum(axis=0) if self.bias_term else None
+            if dx is not None:
+                w = weight.data
+                xp.matmul(dy[part], w.T if self.transpose else w, out=dx[part])
+            return dw, db
+
+        for dw, db in self.backend.parallel(run, len(parts)):
+            weight.diff += dw
+            if db is not None:
+                self.blobs[1].diff += db

@@ -142,10 +142,13 @@ class _ConvolutionBase(Layer):
     with ``conv_out`` channels by W (conv_out, conv_in/G, kh, kw). Convolution's bottom is that
     input (conv_in = C, conv_out = num_output); Deconvolution (``reverse``) swaps the roles, so
     its bottom is the convolution-view output (conv_out = C, conv_in = num_output). The three
-    products below are all either layer needs:
-      _apply(col)          = W · col            (convolution forward, deconvolution backward-data)
-      _apply_t(dy, shape)  = col2im(Wᵀ · dy)    (convolution backward-data, deconvolution forward)
-      _weight_grad(col, y) : dW += Σ_n y · colᵀ
+    products below are all either layer needs, on the row layout (one row per output pixel of
+    every image: columns are (N·P, K) with K = conv_in·kh·kw, outputs (N·P, conv_out)):
+      _apply(col)          = col · Wᵀ           (convolution forward, deconvolution backward-data)
+      _apply_t(dy)         = col2im(dy · W)     (convolution backward-data, deconvolution forward)
+      _weight_grad(col, y) = yᵀ · col           (dW, summed over every image and pixel)
+    This orientation keeps the long N·P axis as the GEMMs' M or K, where OpenBLAS runs fastest
+    (measured ~25% faster than the (K, N·P) layout on LeNet's conv2).
     """
 
     min_bottoms = 1
@@ -187,9 +190,8 @@ class _ConvolutionBase(Layer):
         for t in top:
             t.reshape((shape[0], self.num_output, oh, ow))
 
-    # The column layout is (K, N·P): K = conv_in/G·kh·kw rows per group, one column per output
-    # pixel of every image, so each product below is one GEMM per group for the whole batch.
-    # Buffers are kept between iterations (keyed by their role) to avoid reallocating them.
+    # Buffers are kept between iterations (keyed by their role and worker) to avoid
+    # reallocating them.
     def _buffer(self, key: str, shape: tuple[int, ...]) -> Any:
         bufs = self.__dict__.setdefault("_bufs", {})
         buf = bufs.get((key, shape))
@@ -197,82 +199,110 @@ class _ConvolutionBase(Layer):
             buf = bufs[(key, shape)] = self.backend.empty(shape)
         return buf
 
-    # Columns for a whole batch can be large (cifar10_quick's conv2 at batch 100: 80 MB). Past
-    # this many elements the batch is processed in chunks of images, which bounds the memory;
-    # smaller chunks were measured slower here (the GEMMs get less efficient), so it is big.
+    # Columns for a whole batch can be large (cifar10_quick's conv2 at batch 100: 80 MB). The
+    # batch is split into one part per worker (backend.parallel runs them on every core), and
+    # into more parts when one part's columns would pass this many elements, which bounds the
+    # memory; smaller parts were measured slower here (the GEMMs get less efficient).
     COLUMN_BUDGET = 1 << 25  # elements (128 MB of float32)
 
-    def _chunks(self, x: Any) -> list[slice]:
+    def _parts(self, x: Any) -> list[slice]:
         n, _, h, w = x.shape
         oh, ow = self.geom.conv_out(h, w)
         per_image = self.conv_in * self.geom.kernel[0] * self.geom.kernel[1] * oh * ow
-        count = min(n, max(1, -(-n * per_image // self.COLUMN_BUDGET)))
-        size = -(-n // count)
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        return self.backend.batch_parts(n, n * per_image, self.COLUMN_BUDGET)
 
     def _cols(self, x: Any, key: str) -> Any:
-        """im2col of a convolution-view input (N, conv_in, H, W): (conv_in·kh·kw, N·oh·ow)."""
+        """im2col of a convolution-view input (N, conv_in, H, W): (N·oh·ow, conv_in·kh·kw)."""
         g = self.geom
         n, c, h, w = x.shape
         oh, ow = g.conv_out(h, w)
-        out = self._buffer(key, (c * g.kernel[0] * g.kernel[1], n * oh * ow))
-        return self.backend.im2col_cnhw(x, *g.kernel, *g.stride, *g.pad, *g.dilation, out=out)
+        out = self._buffer(key, (n * oh * ow, c * g.kernel[0] * g.kernel[1]))
+        return self.backend.im2col_rows(x, *g.kernel, *g.stride, *g.pad, *g.dilation, out=out)
 
-    def _to_cn(self, y: Any, key: str) -> Any:
-        """A convolution-view output (N, conv_out, oh, ow) as (conv_out, N·oh·ow)."""
+    def _to_rows(self, y: Any, key: str) -> Any:
+        """An (N, C, h, w) array as rows (N·h·w, C)."""
         n, c = y.shape[:2]
-        out = self._buffer(key, (c, y.size // c))
-        out.reshape(c, n, -1)[...] = y.reshape(n, c, -1).transpose(1, 0, 2)
+        out = self._buffer(key, (y.size // c, c))
+        out.reshape(n, -1, c)[...] = y.reshape(n, c, -1).transpose(0, 2, 1)
         return out
 
-    def _grouped(self, a: Any) -> Any:
+    def _weights_t(self) -> Any:
+        """Wᵀ per group, contiguous: (G, K/G, conv_out/G) (a GEMM reads it faster than a
+        transposed view). Made once per forward, before the workers start."""
         g = self.group
-        return a.reshape(g, a.shape[0] // g, a.shape[1])
+        w = self.blobs[0].data.reshape(g, self.conv_out // g, -1)
+        wt = self._buffer("wt", (g, w.shape[2], w.shape[1]))
+        wt[...] = w.transpose(0, 2, 1)
+        return wt
 
-    def _apply(self, col: Any, out: Any) -> None:
-        """out (N, conv_out, oh, ow) = W · col, for columns of a convolution-view input."""
-        n, g = out.shape[0], self.group
-        w = self.blobs[0].data.reshape(self.conv_out, -1)  # (conv_out, K/G)
-        y = self._buffer("apply", (self.conv_out, col.shape[1]))
-        if g == 1:
-            self.xp.matmul(w, col, out=y)
-        else:
-            self.xp.matmul(self._grouped(w), self._grouped(col), out=self._grouped(y))
-        out.reshape(n, self.conv_out, -1)[...] = y.reshape(self.conv_out, n, -1).transpose(1, 0, 2)
+    def _group_cols(self, a: Any, i: int) -> Any:
+        """Group i's columns of a row-layout array (all of them without groups)."""
+        if self.group == 1:
+            return a
+        width = a.shape[1] // self.group
+        return a[:, i * width:(i + 1) * width]
 
-    def _apply_t(self, ycn: Any, out: Any) -> None:
-        """out (N, conv_in, H, W) = col2im(Wᵀ · y) for y (conv_out, N·oh·ow)."""
-        g, geom = self.group, self.geom
-        w = self.blobs[0].data.reshape(self.conv_out, -1)
-        k = w.shape[1] * g
-        dcol = self._buffer("apply_t", (k, ycn.shape[1]))
-        if g == 1:
-            self.xp.matmul(w.T, ycn, out=dcol)
+    def _apply(self, col: Any, wt: Any, out: Any, slot: int = 0, bias: bool = False) -> None:
+        """out (N, conv_out, oh, ow) = col · Wᵀ (+ b), for rows of a convolution-view input."""
+        n = out.shape[0]
+        y = self._buffer(f"apply.{slot}", (col.shape[0], self.conv_out))
+        for i in range(self.group):
+            self.xp.matmul(self._group_cols(col, i), wt[i], out=self._group_cols(y, i))
+        y_nchw = y.reshape(n, -1, self.conv_out).transpose(0, 2, 1)
+        target = out.reshape(n, self.conv_out, -1)
+        if bias and self.bias_term:  # the layout change and the bias in one pass
+            self.xp.add(y_nchw, self.blobs[1].data.reshape(1, -1, 1), out=target)
         else:
-            self.xp.matmul(self._grouped(w).swapaxes(-1, -2), self._grouped(ycn),
-                           out=self._grouped(dcol))
-        self.backend.col2im_cnhw(dcol, out.shape, *geom.kernel, *geom.stride, *geom.pad,
+            target[...] = y_nchw
+
+    def _apply_t(self, dy: Any, out: Any, slot: int = 0) -> None:
+        """out (N, conv_in, H, W) = col2im(dy · W) for rows dy (N·oh·ow, conv_out)."""
+        geom, g = self.geom, self.group
+        w = self.blobs[0].data.reshape(g, self.conv_out // g, -1)
+        dcol = self._buffer(f"apply_t.{slot}", (dy.shape[0], w.shape[2] * g))
+        for i in range(g):
+            self.xp.matmul(self._group_cols(dy, i), w[i], out=self._group_cols(dcol, i))
+        self.backend.col2im_rows(dcol, out.shape, *geom.kernel, *geom.stride, *geom.pad,
                                  *geom.dilation, out=out)
 
-    def _weight_grad(self, col: Any, ycn: Any) -> None:
-        """dW += y · colᵀ per group, for columns (K, N·P) and y (conv_out, N·P)."""
-        weight = self.blobs[0]
-        dw = self._buffer("dw", (self.conv_out, col.shape[0] // self.group))
-        if self.group == 1:
-            self.xp.matmul(ycn, col.T, out=dw)
+    def _weight_grad(self, col: Any, dy: Any, slot: int = 0, first: bool = True) -> Any:
+        """dyᵀ · col per group, for rows col (N·P, K) and dy (N·P, conv_out), written into
+        worker ``slot``'s accumulator (``first``) or added to it; returns the accumulator."""
+        g = self.group
+        shape = (g, self.conv_out // g, col.shape[1] // g)
+        acc = self._buffer(f"dw.{slot}", shape)
+        out = acc if first else self._buffer(f"dw_part.{slot}", shape)
+        for i in range(g):
+            self.xp.matmul(self._group_cols(dy, i).T, self._group_cols(col, i), out=out[i])
+        if not first:
+            acc += out
+        return acc
+
+    def _add_bias(self, y: Any) -> None:
+        if self.bias_term:
+            y += self.blobs[1].data.reshape(1, -1, 1, 1)
+
+    def _bias_grad(self, dy: Any, slot: int = 0, first: bool = True) -> Any:
+        """Σ dy over images and pixels for a top gradient dy (N, num_output, h, w), written into
+        (or added to) worker ``slot``'s accumulator; None without a bias. (Summed in this
+        layout, along the contiguous pixels: several times faster than over the rows.)"""
+        if not self.bias_term:
+            return None
+        acc = self._buffer(f"db.{slot}", (dy.shape[1],))
+        per_image = dy.reshape(dy.shape[0], dy.shape[1], -1).sum(axis=2)
+        if first:
+            per_image.sum(axis=0, out=acc)
         else:
-            self.xp.matmul(self._grouped(ycn), self._grouped(col).swapaxes(-1, -2),
-                           out=self._grouped(dw))
-        weight.diff += dw.reshape(weight.shape)
+            acc += per_image.sum(axis=0)
+        return acc
 
-    def _add_bias(self, t: Blob) -> None:
-        if self.bias_term:
-            t.data += self.blobs[1].data.reshape(1, -1, 1, 1)
-
-    def _bias_grad(self, dy_cn: Any) -> None:
-        """db += Σ dy over images and pixels, for a top gradient (num_output, N·P)."""
-        if self.bias_term:
-            self.blobs[1].diff += dy_cn.sum(axis=1)
+    def _accumulate(self, grads: Sequence[tuple[Any, Any]]) -> None:
+        """Add the workers' (dW, db) accumulators to the parameter diffs, in worker order."""
+        weight = self.blobs[0]
+        for dw, db in grads:
+            weight.diff += dw.reshape(weight.shape)
+            if db is not None:
+                self.blobs[1].diff += db
 
 
 @register
@@ -288,31 +318,42 @@ class Convolution(_ConvolutionBase):
     type = "Convolution"
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        self._kept: dict[int, Any] = {}  # bottom index -> its columns, for backward
+        self._kept: dict[int, list[Any]] = {}  # bottom index -> its columns, for backward
+        wt = self._weights_t()
         for i, (b, t) in enumerate(zip(bottom, top, strict=True)):
-            parts = self._chunks(b.data)
-            for part in parts:
-                col = self._cols(b.data[part], f"col{i}")
-                self._apply(col, t.data[part])
-            if len(parts) == 1 and self.phase == PHASE_TRAIN:
-                self._kept[i] = col
-            self._add_bias(t)
+            x, y, parts = b.data, t.data, self._parts(b.data)
+
+            def run(slot: int, k: int, x: Any = x, y: Any = y, parts: list[slice] = parts,
+                    i: int = i) -> Any:
+                col = self._cols(x[parts[k]], f"col{i}.{slot}")
+                self._apply(col, wt, y[parts[k]], slot, bias=True)
+                return col
+
+            cols = self.backend.parallel(run, len(parts))
+            if len(parts) <= self.backend.workers and self.phase == PHASE_TRAIN:
+                self._kept[i] = cols  # one part per worker: no buffer was reused
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
-        # Columns kept from forward (TRAIN, one chunk) are reused; otherwise recomputed per
-        # chunk, as Caffe's backward recomputes im2col.
-        kept = getattr(self, "_kept", {})
+        # Columns kept from forward (TRAIN, one part per worker) are reused; otherwise they are
+        # recomputed per part, as Caffe's backward recomputes im2col.
+        kept, workers = getattr(self, "_kept", {}), self.backend.workers
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
-            for part in self._chunks(b.data):
-                dy = self._to_cn(t.diff[part], "dy")
-                self._bias_grad(dy)
-                col = kept.get(i)
-                if col is None:
-                    col = self._cols(b.data[part], f"col{i}")
-                self._weight_grad(col, dy)
-                if propagate_down[i]:
-                    self._apply_t(dy, b.diff[part])
+            parts, cols, down = self._parts(b.data), kept.get(i), propagate_down[i]
+
+            def run(slot: int, k: int, t: Blob = t, b: Blob = b, parts: list[slice] = parts,
+                    cols: list[Any] | None = cols, down: bool = down,
+                    i: int = i) -> tuple[Any, Any] | None:
+                part, first = parts[k], k < workers
+                dy = self._to_rows(t.diff[part], f"dy.{slot}")
+                col = cols[k] if cols is not None else self._cols(b.data[part], f"col{i}.{slot}")
+                grads = (self._weight_grad(col, dy, slot, first),
+                         self._bias_grad(t.diff[part], slot, first))
+                if down:
+                    self._apply_t(dy, b.diff[part], slot)
+                return grads if first else None
+
+            self._accumulate([g for g in self.backend.parallel(run, len(parts)) if g])
 
 
 @register
@@ -331,18 +372,17 @@ class Deconvolution(_ConvolutionBase):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         for b, t in zip(bottom, top, strict=True):
-            self._apply_t(self._to_cn(b.data, "x"), t.data)
-            self._add_bias(t)
+            self._apply_t(self._to_rows(b.data, "x"), t.data)
+            self._add_bias(t.data)
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
-            col = self._cols(t.diff, "col")  # (num_output·kh·kw, N·H·W)
-            if self.bias_term:
-                self.blobs[1].diff += t.diff.sum(axis=(0, 2, 3))
-            self._weight_grad(col, self._to_cn(b.data, "x"))
+            col = self._cols(t.diff, "col")  # (N·H·W, num_output·kh·kw)
+            db = t.diff.sum(axis=(0, 2, 3)) if self.bias_term else None
+            self._accumulate([(self._weight_grad(col, self._to_rows(b.data, "x")), db)])
             if propagate_down[i]:
-                self._apply(col, b.diff)
+                self._apply(col, self._weights_t(), b.diff)
 
 
 @register
