@@ -355,6 +355,7 @@ def _blas_info() -> list[str]:
 def device_report() -> list[tuple[str, str]]:
     """(label, value) pairs: CPU, cores, NumPy, BLAS, numba kernels, GPU."""
     from netforge.backend import kernels
+    from netforge.backend.threads import shared_pool
 
     rows = [("CPU", _cpu_model()),
             ("Cores", f"{os.cpu_count() or '?'} logical"
@@ -366,6 +367,10 @@ def device_report() -> list[tuple[str, str]]:
         rows.append(("BLAS" if k == 0 else "", line))
     rows.append(("Compiled kernels", "numba (active)" if kernels.AVAILABLE else
                  "off (pip install netforge[fast]; NETFORGE_NUMBA=0 turns them off)"))
+    workers = shared_pool().workers
+    rows.append(("CPU workers", f"{workers} (layers split the batch; NETFORGE_THREADS sets it)"
+                 if workers > 1 else "1 (NETFORGE_THREADS, and a BLAS with per-thread control, "
+                                     "split the batch over cores)"))
     rows.extend(_gpu_rows())
     return rows
 

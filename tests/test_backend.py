@@ -217,3 +217,55 @@ def test_test_phase_max_pooling_skips_argmax_but_still_backprops(geometry: str) 
         results.append((top[0].data.copy(), bottom.diff.copy()))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_net_on_two_workers_matches_one() -> None:
+    """A whole net (Convolution, MAX and AVE Pooling, InnerProduct, loss) split over two
+    workers gives the single worker's outputs and gradients up to summation order, and the
+    same results again on a second run (the split is static)."""
+    from google.protobuf import text_format
+
+    from netforge import Net
+    from netforge.proto import pb
+
+    text = """
+    force_backward: true
+    layer { name: "in" type: "Input" top: "data" top: "label"
+            input_param { shape { dim: 6 dim: 3 dim: 12 dim: 12 } shape { dim: 6 } } }
+    layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+            convolution_param { num_output: 5 kernel_size: 3 pad: 1
+                                weight_filler { type: "xavier" }
+                                bias_filler { type: "gaussian" } } }
+    layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool"
+            pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+    layer { name: "ave" type: "Pooling" bottom: "pool" top: "ave"
+            pooling_param { pool: AVE kernel_size: 2 stride: 1 } }
+    layer { name: "ip" type: "InnerProduct" bottom: "ave" top: "ip"
+            inner_product_param { num_output: 4 weight_filler { type: "xavier" }
+                                  bias_filler { type: "gaussian" } } }
+    layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+    """
+    rng = np.random.default_rng(11)
+    x, label = rng.normal(size=(6, 3, 12, 12)), rng.integers(0, 4, size=6)
+    results = []
+    for workers in (1, 2, 2):
+        backend = NumpyBackend("float64", workers=workers)
+        if backend.workers != workers:
+            pytest.skip("no per-thread BLAS control here: batch parallelism is off")
+        backend.parallel_min = 0  # split even this small net
+        backend.compiled_min = 0  # and use the compiled kernels where there are any
+        p = pb.NetParameter()
+        text_format.Parse(text, p)
+        net = Net(p, "TRAIN", backend=backend, verbose=False, seed=3)
+        net.forward(data=x, label=label)
+        net.backward()
+        results.append((net.loss, net.blobs["data"].diff.copy(),
+                        [b.diff.copy() for layer in net.layers for b in layer.blobs]))
+    (loss1, dx1, g1), (loss2, dx2, g2), (loss3, dx3, g3) = results
+    assert np.abs(dx1).max() > 0
+    assert loss1 == pytest.approx(loss2, rel=1e-12)
+    np.testing.assert_allclose(dx1, dx2, rtol=1e-10, atol=1e-14)
+    for a, b in zip(g1, g2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    assert loss2 == loss3 and np.array_equal(dx2, dx3)
+    assert all(np.array_equal(a, b) for a, b in zip(g2, g3, strict=True))

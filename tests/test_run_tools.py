@@ -356,10 +356,12 @@ def test_device_query(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "device-query")
     assert code == 0, err
     labels = [line.split(":", 1)[0] for line in out.splitlines() if line[:1] != " "]
-    for label in ("CPU", "Cores", "NumPy", "BLAS", "Compiled kernels", "GPU"):
+    for label in ("CPU", "Cores", "NumPy", "BLAS", "Compiled kernels", "CPU workers", "GPU"):
         assert label in labels or any(lbl.startswith(label) for lbl in labels), out
     assert f"NumPy:            {np.__version__}" in out
     assert ("numba (active)" in out) == kernels.AVAILABLE
+    from netforge.backend.threads import shared_pool
+    assert "CPU workers:" in out and f" {shared_pool().workers} " in out
     try:
         import cupy  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
