@@ -5,7 +5,8 @@
 Both nets are Caffe's own definitions (tests/fixtures/caffe), with their Data layers replaced
 by Input blobs filled once, so only the network and the solver update are timed. Each round
 times `--steps` SGD steps (momentum 0.9, weight decay 5e-4) of netforge, then of PyTorch (A B A B
-…, so machine noise hits both alike); medians of the per-step times are compared. Inference is
+…, so machine noise hits both alike, with a pause before each block so that neither runs while
+the other's thread pool still spins); medians of the per-step times are compared. Inference is
 timed the same way (LeNet TEST-phase forward, batch 100). The GEMM floor is the net's
 multiply-add work divided by the sgemm rate measured here. PyTorch is optional: without it only
 netforge's numbers and the floor are printed.
@@ -160,6 +161,13 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1e3
 
 
+# Idle time before each timed block. A BLAS or OpenMP pool keeps its threads spinning for a
+# while after its last call (OpenBLAS ~0.1 s); without a pause they would steal a core from
+# the other framework's block that follows. (Measured: PyTorch's LeNet step ran 22.5 ms right
+# after netforge steps that used OpenBLAS's own threads, 15.8 ms otherwise.)
+SETTLE_S = 0.3
+
+
 def interleaved(a: Callable[[], None], b: Callable[[], None] | None, rounds: int,
                 steps: int) -> tuple[list[float], list[float]]:
     ta: list[float] = []
@@ -172,6 +180,7 @@ def interleaved(a: Callable[[], None], b: Callable[[], None] | None, rounds: int
         for fn, out in ((a, ta), (b, tb)):
             if fn is None:
                 continue
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             for _ in range(steps):
                 fn()

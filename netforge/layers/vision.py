@@ -1,8 +1,9 @@
 """Vision layers on (N, C, H, W) blobs, with Caffe's geometry: Convolution, Deconvolution,
 Im2col, Pooling and SPP.
 
-Convolution is im2col followed by one batched matrix product (groups are a batch axis); its
-backward is the two transposed products and col2im. Deconvolution is the same machinery run
+Convolution is im2col into the row layout (one row per output pixel) followed by one matrix
+product per group; its backward is the two transposed products and col2im. The batch is split
+into parts that run on every core at once (backend.parallel). Deconvolution is the same machinery run
 the other way round (Caffe's BaseConvolutionLayer with reversed dimensions): its forward is
 Convolution's backward-data and its backward-data is Convolution's forward. Im2col exposes the
 column buffer itself. Pooling works on strided slices of a padded input, one slice per kernel
