@@ -65,6 +65,9 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_inside = threading.local()  # .active: this thread is running a part
+
+
 class BatchPool:
     """Runs ``fn(worker, k)`` for parts k = 0..count-1 on ``workers`` threads (worker 0 is the
     caller), each with single-threaded BLAS."""
@@ -110,7 +113,9 @@ class BatchPool:
         handles its parts in increasing order. The first exception raised is re-raised once
         every worker has stopped. A single part (a batch of one) gets every core's BLAS."""
         w = min(self.workers, count)
-        if self.workers <= 1:
+        if self.workers <= 1 or getattr(_inside, "active", False):
+            # One worker, or a part asking for parts of its own: run them here (a worker
+            # waiting on the pool it belongs to would wait forever).
             return [fn(0, k) for k in range(count)]
         if w <= 1:
             previous = self._blas_threads(self.workers)
@@ -121,8 +126,12 @@ class BatchPool:
         results: list[T | None] = [None] * count
 
         def worker(slot: int) -> None:
-            for k in range(slot, count, w):
-                results[k] = fn(slot, k)
+            _inside.active = True
+            try:
+                for k in range(slot, count, w):
+                    results[k] = fn(slot, k)
+            finally:
+                _inside.active = False
 
         futures: list[Future[None]] = [self._pool().submit(worker, s) for s in range(1, w)]
         previous = self._blas_threads(1)

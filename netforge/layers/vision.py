@@ -3,12 +3,13 @@ Im2col, Pooling and SPP.
 
 Convolution is im2col into the row layout (one row per output pixel) followed by one matrix
 product per group; its backward is the two transposed products and col2im. The batch is split
-into parts that run on every core at once (backend.parallel). Deconvolution is the same machinery run
-the other way round (Caffe's BaseConvolutionLayer with reversed dimensions): its forward is
-Convolution's backward-data and its backward-data is Convolution's forward. Im2col exposes the
-column buffer itself. Pooling works on strided slices of a padded input, one slice per kernel
-offset, so the Python loop runs over kh·kw and never over images or channels; SPP runs one
-Pooling per pyramid level, as Caffe builds it, and concatenates the flattened results.
+into parts that run on every core at once (backend.parallel). Deconvolution is the same
+machinery run the other way round (Caffe's BaseConvolutionLayer with reversed dimensions): its
+forward is Convolution's backward-data and its backward-data is Convolution's forward. Im2col
+exposes the column buffer itself. Pooling runs compiled kernels (one per window geometry) on
+parts of the batch, or without numba works on strided slices of a padded input, one slice per
+kernel offset, so the Python loop runs over kh·kw and never over images or channels; SPP runs
+one Pooling per pyramid level, as Caffe builds it, and concatenates the flattened results.
 """
 
 from __future__ import annotations
