@@ -272,3 +272,24 @@ def test_net_on_two_workers_matches_one() -> None:
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
     assert loss2 == loss3 and np.array_equal(dx2, dx3)
     assert all(np.array_equal(a, b) for a, b in zip(g2, g3, strict=True))
+
+
+def test_convolution_backward_twice_gives_the_same_gradients() -> None:
+    """Backward writes dy·W over the columns it kept from forward; a second backward without
+    a forward must recompute them, not read the overwritten buffer."""
+    from tests.helpers import blob, make_layer, tops
+
+    layer = make_layer("Convolution", "convolution_param { num_output: 4 kernel_size: 3 "
+                                      "weight_filler { type: 'gaussian' } }")
+    bottom, top = [blob((3, 2, 6, 6))], tops(1)
+    layer.setup(bottom, top)
+    layer.reshape(bottom, top)
+    layer.forward(bottom, top)
+    top[0].diff[...] = np.random.default_rng(8).normal(size=top[0].shape)
+    grads = []
+    for _ in range(2):
+        layer.blobs[0].diff[...] = 0
+        layer.backward(top, [True], bottom)
+        grads.append((layer.blobs[0].diff.copy(), bottom[0].diff.copy()))
+    np.testing.assert_allclose(grads[0][0], grads[1][0], rtol=1e-12)
+    np.testing.assert_allclose(grads[0][1], grads[1][1], rtol=1e-12)

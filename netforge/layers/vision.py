@@ -257,11 +257,13 @@ class _ConvolutionBase(Layer):
         else:
             target[...] = y_nchw
 
-    def _apply_t(self, dy: Any, out: Any, slot: int = 0) -> None:
-        """out (N, conv_in, H, W) = col2im(dy · W) for rows dy (N·oh·ow, conv_out)."""
+    def _apply_t(self, dy: Any, out: Any, slot: int = 0, dcol: Any = None) -> None:
+        """out (N, conv_in, H, W) = col2im(dy · W) for rows dy (N·oh·ow, conv_out); ``dcol``,
+        when given, is a free (N·oh·ow, K) buffer to hold dy · W."""
         geom, g = self.geom, self.group
         w = self.blobs[0].data.reshape(g, self.conv_out // g, -1)
-        dcol = self._buffer(f"apply_t.{slot}", (dy.shape[0], w.shape[2] * g))
+        if dcol is None:
+            dcol = self._buffer(f"apply_t.{slot}", (dy.shape[0], w.shape[2] * g))
         for i in range(g):
             self.xp.matmul(self._group_cols(dy, i), w[i], out=self._group_cols(dcol, i))
         self.backend.col2im_rows(dcol, out.shape, *geom.kernel, *geom.stride, *geom.pad,
@@ -351,11 +353,13 @@ class Convolution(_ConvolutionBase):
                 col = cols[k] if cols is not None else self._cols(b.data[part], f"col{i}.{slot}")
                 grads = (self._weight_grad(col, dy, slot, first),
                          self._bias_grad(t.diff[part], slot, first))
-                if down:
-                    self._apply_t(dy, b.diff[part], slot)
+                if down:  # the columns are used up: their buffer takes dy · W
+                    self._apply_t(dy, b.diff[part], slot, dcol=col)
                 return grads if first else None
 
             self._accumulate([g for g in self.backend.parallel(run, len(parts)) if g])
+            if down:
+                kept.pop(i, None)  # overwritten: another backward recomputes them
 
 
 @register
