@@ -214,8 +214,10 @@ class Solver:
         try:
             return get_backend("GPU" if gpu else "CPU", device_id=sp.device_id)
         except ConfigError as e:
+            if e.where is not None:  # already located (the environment)
+                raise
             where = self.source.where(("solver_mode",)) if self.source else None
-            raise ConfigError(e.message, where or e.where, e.hint) from None
+            raise ConfigError(e.message, where, e.hint) from None
 
     # -- nets -------------------------------------------------------------------------------------
     def _net_file(self, name: str) -> str:

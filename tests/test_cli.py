@@ -201,3 +201,19 @@ def test_signals_set_flags_and_are_restored() -> None:
     finally:
         restore()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_bad_netforge_threads_is_one_line_and_exit_2(
+        workspace: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from netforge.backend import threads
+
+    monkeypatch.setattr(threads, "_shared", {})  # pools are made once per process
+    monkeypatch.setenv("NETFORGE_THREADS", "two")
+    code, err = run(capsys, "train", "--solver", "solvers/lenet_solver.yaml", *QUICK)
+    assert code == 2
+    assert last_line(err) == ("netforge: error: environment: NETFORGE_THREADS must be a positive "
+                              "whole number of worker threads, got 'two'")
+    monkeypatch.setenv("NETFORGE_THREADS", "1")
+    code, err = run(capsys, "train", "--solver", "solvers/lenet_solver.yaml", *QUICK)
+    assert code == 0, err

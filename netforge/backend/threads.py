@@ -30,6 +30,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from netforge.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -55,10 +57,10 @@ def _blas_thread_setter() -> Callable[[int], int] | None:
 def _default_workers() -> int:
     env = os.environ.get("NETFORGE_THREADS", "").strip()
     if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            return 1
+        if not env.isdigit() or int(env) < 1:
+            raise ConfigError(f"NETFORGE_THREADS must be a positive whole number of worker "
+                              f"threads, got '{env}'", where="environment")
+        return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
