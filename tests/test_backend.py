@@ -293,3 +293,41 @@ def test_convolution_backward_twice_gives_the_same_gradients() -> None:
         grads.append((layer.blobs[0].diff.copy(), bottom[0].diff.copy()))
     np.testing.assert_allclose(grads[0][0], grads[1][0], rtol=1e-12)
     np.testing.assert_allclose(grads[0][1], grads[1][1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("params", [
+    "num_output: 4 kernel_size: 3 pad: 1",  # 2·3·3 = 18 column entries: per image both ways
+    "num_output: 3 kernel_size: 5 pad: 2 stride: 1",  # 2·5·5 = 50
+    "num_output: 4 kernel_size: 3 stride: 1 dilation: 2 pad: 2"])
+@pytest.mark.parametrize("channels", [2, 8])  # 8 channels: forward in rows, backward per image
+def test_convolution_per_image_products_match_the_row_layout(
+        monkeypatch: pytest.MonkeyPatch, params: str, channels: int) -> None:
+    """Layers with many output pixels use one GEMM per image; results must equal the row
+    layout's (which the PyTorch oracle tests cover)."""
+    from netforge.layers.vision import _ConvolutionBase
+    from tests.helpers import blob, make_layer, tops
+
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(3, channels, 16, 17))
+    results, used = [], []
+    for per_image in (True, False):
+        if not per_image:
+            monkeypatch.setattr(_ConvolutionBase, "_per_image", lambda self, p, backward: False)
+        layer = make_layer("Convolution", f"convolution_param {{ {params} "
+                                          "weight_filler { type: 'gaussian' } "
+                                          "bias_filler { type: 'gaussian' } }")
+        bottom, top = [blob(data=x.copy())], tops(1)
+        layer.setup(bottom, top)
+        layer.reshape(bottom, top)
+        used.append([layer._per_image(top[0].shape[2] * top[0].shape[3], b) for b in (0, 1)])
+        layer.forward(bottom, top)
+        top[0].diff[...] = np.random.default_rng(13).normal(size=top[0].shape)
+        layer.backward(top, [True], bottom)
+        results.append((top[0].data.copy(), bottom[0].diff.copy(),
+                        [b.diff.copy() for b in layer.blobs]))
+    assert used[0][1] and used[0][0] == (channels == 2)  # the per-image paths ran
+    (y1, dx1, g1), (y2, dx2, g2) = results
+    np.testing.assert_allclose(y1, y2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx1, dx2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

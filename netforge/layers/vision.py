@@ -282,6 +282,46 @@ class _ConvolutionBase(Layer):
             acc += out
         return acc
 
+    # -- the per-image products --------------------------------------------------------------------
+    # With many output pixels per image and few channels (a first layer: LeNet's conv1 has 576
+    # pixels, 25 = 1·5·5 column entries and 20 filters), one small GEMM per image reads and
+    # writes the NCHW blobs directly: no layout transposes, and each image's rows stay in cache.
+    # Measured here against the row-layout products: LeNet conv1 forward 0.37 vs 0.51 ms,
+    # weight gradient 0.29 vs 0.77 ms (half a batch); cifar10_quick conv1's weight gradient
+    # 6.0 vs 9.8 ms; no better, or worse, for the deeper layers with 64 pixels per image.
+    def _per_image(self, pixels: int, backward: bool) -> bool:
+        if self.group != 1 or pixels < 256:
+            return False
+        return backward or self.conv_in * self.geom.kernel[0] * self.geom.kernel[1] < 64
+
+    def _apply_images(self, col: Any, out: Any) -> None:
+        """out (N, conv_out, oh, ow) = W · colₙᵀ per image (+ b)."""
+        n = out.shape[0]
+        w = self.blobs[0].data.reshape(self.conv_out, -1)
+        self.xp.matmul(w, col.reshape(n, -1, w.shape[1]).transpose(0, 2, 1),
+                       out=out.reshape(n, self.conv_out, -1))
+        self._add_bias(out)
+
+    def _weight_grad_images(self, col: Any, dy: Any, slot: int, first: bool) -> Any:
+        """Σₙ dyₙ · colₙ for dy (N, conv_out, P), into worker ``slot``'s accumulator."""
+        n, k = dy.shape[0], col.shape[1]
+        per = self._buffer(f"dw_images.{slot}", (n, self.conv_out, k))
+        self.xp.matmul(dy, col.reshape(n, -1, k), out=per)
+        acc = self._buffer(f"dw.{slot}", (1, self.conv_out, k))
+        if first:
+            per.sum(axis=0, out=acc[0])
+        else:
+            acc[0] += per.sum(axis=0)
+        return acc
+
+    def _apply_t_images(self, dy: Any, out: Any, dcol: Any) -> None:
+        """out (N, conv_in, H, W) = col2im(dyₙᵀ · W per image), dcol a free rows buffer."""
+        geom, n = self.geom, dy.shape[0]
+        w = self.blobs[0].data.reshape(self.conv_out, -1)
+        self.xp.matmul(dy.transpose(0, 2, 1), w, out=dcol.reshape(n, -1, w.shape[1]))
+        self.backend.col2im_rows(dcol, out.shape, *geom.kernel, *geom.stride, *geom.pad,
+                                 *geom.dilation, out=out)
+
     def _add_bias(self, y: Any) -> None:
         if self.bias_term:
             y += self.blobs[1].data.reshape(1, -1, 1, 1)
@@ -327,10 +367,15 @@ class Convolution(_ConvolutionBase):
         for i, (b, t) in enumerate(zip(bottom, top, strict=True)):
             x, y, parts = b.data, t.data, self._parts(b.data)
 
+            per_image = self._per_image(y.shape[2] * y.shape[3], backward=False)
+
             def run(slot: int, k: int, x: Any = x, y: Any = y, parts: list[slice] = parts,
-                    i: int = i) -> Any:
+                    i: int = i, per_image: bool = per_image) -> Any:
                 col = self._cols(x[parts[k]], f"col{i}.{slot}")
-                self._apply(col, wt, y[parts[k]], slot, bias=True)
+                if per_image:
+                    self._apply_images(col, y[parts[k]])
+                else:
+                    self._apply(col, wt, y[parts[k]], slot, bias=True)
                 return col
 
             cols = self.backend.parallel(run, len(parts))
@@ -344,17 +389,27 @@ class Convolution(_ConvolutionBase):
         kept, workers = getattr(self, "_kept", {}), self.backend.workers
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
             parts, cols, down = self._parts(b.data), kept.get(i), propagate_down[i]
+            per_image = self._per_image(t.shape[2] * t.shape[3], backward=True)
 
             def run(slot: int, k: int, t: Blob = t, b: Blob = b, parts: list[slice] = parts,
-                    cols: list[Any] | None = cols, down: bool = down,
-                    i: int = i) -> tuple[Any, Any] | None:
+                    cols: list[Any] | None = cols, down: bool = down, i: int = i,
+                    per_image: bool = per_image) -> tuple[Any, Any] | None:
                 part, first = parts[k], k < workers
-                dy = self._to_rows(t.diff[part], f"dy.{slot}")
                 col = cols[k] if cols is not None else self._cols(b.data[part], f"col{i}.{slot}")
-                grads = (self._weight_grad(col, dy, slot, first),
-                         self._bias_grad(t.diff[part], slot, first))
-                if down:  # the columns are used up: their buffer takes dy · W
-                    self._apply_t(dy, b.diff[part], slot, dcol=col)
+                bias = self._bias_grad(t.diff[part], slot, first)
+                # Once the weight gradient is made the columns are used up: their buffer
+                # takes dy · W.
+                if per_image:
+                    dy = t.diff[part].reshape(col.shape[0] // (t.shape[2] * t.shape[3]),
+                                              self.conv_out, -1)
+                    grads = self._weight_grad_images(col, dy, slot, first), bias
+                    if down:
+                        self._apply_t_images(dy, b.diff[part], dcol=col)
+                else:
+                    dy = self._to_rows(t.diff[part], f"dy.{slot}")
+                    grads = self._weight_grad(col, dy, slot, first), bias
+                    if down:
+                        self._apply_t(dy, b.diff[part], slot, dcol=col)
                 return grads if first else None
 
             self._accumulate([g for g in self.backend.parallel(run, len(parts)) if g])
