@@ -26,47 +26,6 @@ except ImportError:  # pragma: no cover
     AVAILABLE = False
 
 
-if AVAILABLE:
-
-    @njit(parallel=False, cache=True, nogil=True)
-    def _max_pool_backward(dy: Any, arg: Any, dx: Any, kh: int, kw: int, sh: int, sw: int,
-                           ph: int, pw: int) -> None:
-        n_img, c_in, h, w = dx.shape
-        oh, ow = dy.shape[2], dy.shape[3]
-        for p in range(n_img * c_in):
-            n, c = p // c_in, p % c_in
-            for y in range(h):
-                for xx in range(w):
-                    dx[n, c, y, xx] = 0.0
-            for y in range(oh):
-                for xx in range(ow):
-                    a = arg[n, c, y, xx]
-                    if a >= 0:
-                        dx[n, c, y * sh - ph + a // kw, xx * sw - pw + a % kw] += dy[n, c, y, xx]
-
-    @njit(parallel=False, cache=True, nogil=True)
-    def _ave_pool_backward(dy: Any, dx: Any, size: Any, kh: int, kw: int, sh: int, sw: int,
-                           ph: int, pw: int) -> None:
-        n_img, c_in, h, w = dx.shape
-        oh, ow = dy.shape[2], dy.shape[3]
-        for p in range(n_img * c_in):
-            n, c = p // c_in, p % c_in
-            for y in range(h):
-                for xx in range(w):
-                    dx[n, c, y, xx] = 0.0
-            for y in range(oh):
-                for xx in range(ow):
-                    g = dy[n, c, y, xx] / size[y, xx]
-                    for i in range(kh):
-                        hy = y * sh - ph + i
-                        if hy < 0 or hy >= h:
-                            continue
-                        for j in range(kw):
-                            wx = xx * sw - pw + j
-                            if 0 <= wx < w:
-                                dx[n, c, hy, wx] += g
-
-
 # -- kernels made per geometry --------------------------------------------------------------------
 #
 # A convolution's or pooling's window loops are short (2x2, 3x3, 5x5) and their trip counts decide
@@ -267,12 +226,60 @@ def _make_ave_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
     return kernel
 
 
+def _make_max_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
+    @njit(nogil=True)
+    def kernel(dy: Any, arg: Any, dx: Any) -> None:
+        n_img, c_in = dx.shape[0], dx.shape[1]
+        oh, ow = dy.shape[2], dy.shape[3]
+        for n in range(n_img):
+            for c in range(c_in):
+                d = dx[n, c]
+                d[:, :] = 0.0
+                for y in range(oh):
+                    g, a = dy[n, c, y], arg[n, c, y]
+                    for xx in range(ow):
+                        k = a[xx]
+                        if k >= 0:  # kw is a constant: // and % are cheap
+                            d[y * sh - ph + k // kw, xx * sw - pw + k % kw] += g[xx]
+
+    return kernel
+
+
+def _make_ave_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
+    @njit(nogil=True)
+    def kernel(dy: Any, dx: Any, size: Any, y_lo: int, y_hi: int, x_lo: int, x_hi: int) -> None:
+        n_img, c_in, h, w = dx.shape
+        oh, ow = dy.shape[2], dy.shape[3]
+        for n in range(n_img):
+            for c in range(c_in):
+                d = dx[n, c]
+                d[:, :] = 0.0
+                for y in range(oh):
+                    h0 = y * sh - ph
+                    inside = y_lo <= y < y_hi
+                    for xx in range(ow):
+                        w0 = xx * sw - pw
+                        g = dy[n, c, y, xx] / size[y, xx]
+                        if inside and x_lo <= xx < x_hi:
+                            for i in range(kh):  # unrolled
+                                for j in range(kw):
+                                    d[h0 + i, w0 + j] += g
+                        else:
+                            for hy in range(max(h0, 0), min(h0 + kh, h)):
+                                for wx in range(max(w0, 0), min(w0 + kw, w)):
+                                    d[hy, wx] += g
+
+    return kernel
+
+
 _FACTORIES: dict[str, Any] = {
     "im2col_rows": _make_im2col_rows,
     "col2im_rows": _make_col2im_rows,
     "max": lambda *g: _make_max_pool(*g, with_arg=True),
     "max_values": lambda *g: _make_max_pool(*g, with_arg=False),
     "ave": _make_ave_pool,
+    "max_backward": _make_max_pool_backward,
+    "ave_backward": _make_ave_pool_backward,
 }
 
 
@@ -296,7 +303,7 @@ def max_pool_values(x: np.ndarray, best: np.ndarray, geometry: tuple[int, ...]) 
 
 def max_pool_backward(dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
                       geometry: tuple[int, ...]) -> None:
-    _max_pool_backward(np.ascontiguousarray(dy), arg, dx, *geometry)
+    _kernel("max_backward", geometry)(np.ascontiguousarray(dy), arg, dx)
 
 
 def ave_pool(x: np.ndarray, out: np.ndarray, size: np.ndarray,
@@ -307,4 +314,5 @@ def ave_pool(x: np.ndarray, out: np.ndarray, size: np.ndarray,
 
 def ave_pool_backward(dy: np.ndarray, dx: np.ndarray, size: np.ndarray,
                       geometry: tuple[int, ...]) -> None:
-    _ave_pool_backward(np.ascontiguousarray(dy), dx, size, *geometry)
+    dy = np.ascontiguousarray(dy)
+    _kernel("ave_backward", geometry)(dy, dx, size, *_pool_bounds(dx, dy, geometry))
