@@ -102,6 +102,15 @@ class Layer:
         return not (self.is_loss and bottom_index == 1)
 
     # -- helpers ----------------------------------------------------------------------------------
+    def buffer(self, key: str, shape: tuple[int, ...]) -> Any:
+        """A scratch array of ``shape`` kept between iterations under ``key`` (no allocation
+        in the hot loop). Keys name a role and, for batch-parallel layers, the worker."""
+        bufs = self.__dict__.setdefault("_bufs", {})
+        buf = bufs.get((key, shape))
+        if buf is None:
+            buf = bufs[(key, shape)] = self.backend.empty(shape)
+        return buf
+
     def make_blob(self, shape: Sequence[int], name: str = "") -> Blob:
         return Blob(self.backend, tuple(int(s) for s in shape), name or self.name)
 

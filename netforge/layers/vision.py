@@ -192,15 +192,6 @@ class _ConvolutionBase(Layer):
         for t in top:
             t.reshape((shape[0], self.num_output, oh, ow))
 
-    # Buffers are kept between iterations (keyed by their role and worker) to avoid
-    # reallocating them.
-    def _buffer(self, key: str, shape: tuple[int, ...]) -> Any:
-        bufs = self.__dict__.setdefault("_bufs", {})
-        buf = bufs.get((key, shape))
-        if buf is None:
-            buf = bufs[(key, shape)] = self.backend.empty(shape)
-        return buf
-
     # Columns for a whole batch can be large (cifar10_quick's conv2 at batch 100: 80 MB). The
     # batch is split into one part per worker (backend.parallel runs them on every core), and
     # into more parts when one part's columns would pass this many elements: a part's columns
@@ -221,13 +212,13 @@ class _ConvolutionBase(Layer):
         g = self.geom
         n, c, h, w = x.shape
         oh, ow = g.conv_out(h, w)
-        out = self._buffer(key, (n * oh * ow, c * g.kernel[0] * g.kernel[1]))
+        out = self.buffer(key, (n * oh * ow, c * g.kernel[0] * g.kernel[1]))
         return self.backend.im2col_rows(x, *g.kernel, *g.stride, *g.pad, *g.dilation, out=out)
 
     def _to_rows(self, y: Any, key: str) -> Any:
         """An (N, C, h, w) array as rows (N·h·w, C)."""
         n, c = y.shape[:2]
-        out = self._buffer(key, (y.size // c, c))
+        out = self.buffer(key, (y.size // c, c))
         out.reshape(n, -1, c)[...] = y.reshape(n, c, -1).transpose(0, 2, 1)
         return out
 
@@ -236,7 +227,7 @@ class _ConvolutionBase(Layer):
         transposed view). Made once per forward, before the workers start."""
         g = self.group
         w = self.blobs[0].data.reshape(g, self.conv_out // g, -1)
-        wt = self._buffer("wt", (g, w.shape[2], w.shape[1]))
+        wt = self.buffer("wt", (g, w.shape[2], w.shape[1]))
         wt[...] = w.transpose(0, 2, 1)
         return wt
 
@@ -250,7 +241,7 @@ class _ConvolutionBase(Layer):
     def _apply(self, col: Any, wt: Any, out: Any, slot: int = 0, bias: bool = False) -> None:
         """out (N, conv_out, oh, ow) = col · Wᵀ (+ b), for rows of a convolution-view input."""
         n = out.shape[0]
-        y = self._buffer(f"apply.{slot}", (col.shape[0], self.conv_out))
+        y = self.buffer(f"apply.{slot}", (col.shape[0], self.conv_out))
         for i in range(self.group):
             self.xp.matmul(self._group_cols(col, i), wt[i], out=self._group_cols(y, i))
         y_nchw = y.reshape(n, -1, self.conv_out).transpose(0, 2, 1)
@@ -266,7 +257,7 @@ class _ConvolutionBase(Layer):
         geom, g = self.geom, self.group
         w = self.blobs[0].data.reshape(g, self.conv_out // g, -1)
         if dcol is None:
-            dcol = self._buffer(f"apply_t.{slot}", (dy.shape[0], w.shape[2] * g))
+            dcol = self.buffer(f"apply_t.{slot}", (dy.shape[0], w.shape[2] * g))
         for i in range(g):
             self.xp.matmul(self._group_cols(dy, i), w[i], out=self._group_cols(dcol, i))
         self.backend.col2im_rows(dcol, out.shape, *geom.kernel, *geom.stride, *geom.pad,
@@ -277,8 +268,8 @@ class _ConvolutionBase(Layer):
         worker ``slot``'s accumulator (``first``) or added to it; returns the accumulator."""
         g = self.group
         shape = (g, self.conv_out // g, col.shape[1] // g)
-        acc = self._buffer(f"dw.{slot}", shape)
-        out = acc if first else self._buffer(f"dw_part.{slot}", shape)
+        acc = self.buffer(f"dw.{slot}", shape)
+        out = acc if first else self.buffer(f"dw_part.{slot}", shape)
         for i in range(g):
             self.xp.matmul(self._group_cols(dy, i).T, self._group_cols(col, i), out=out[i])
         if not first:
@@ -308,9 +299,9 @@ class _ConvolutionBase(Layer):
     def _weight_grad_images(self, col: Any, dy: Any, slot: int, first: bool) -> Any:
         """Σₙ dyₙ · colₙ for dy (N, conv_out, P), into worker ``slot``'s accumulator."""
         n, k = dy.shape[0], col.shape[1]
-        per = self._buffer(f"dw_images.{slot}", (n, self.conv_out, k))
+        per = self.buffer(f"dw_images.{slot}", (n, self.conv_out, k))
         self.xp.matmul(dy, col.reshape(n, -1, k), out=per)
-        acc = self._buffer(f"dw.{slot}", (1, self.conv_out, k))
+        acc = self.buffer(f"dw.{slot}", (1, self.conv_out, k))
         if first:
             per.sum(axis=0, out=acc[0])
         else:
@@ -335,7 +326,7 @@ class _ConvolutionBase(Layer):
         layout, along the contiguous pixels: several times faster than over the rows.)"""
         if not self.bias_term:
             return None
-        acc = self._buffer(f"db.{slot}", (dy.shape[1],))
+        acc = self.buffer(f"db.{slot}", (dy.shape[1],))
         per_image = dy.reshape(dy.shape[0], dy.shape[1], -1).sum(axis=2)
         if first:
             per_image.sum(axis=0, out=acc)
