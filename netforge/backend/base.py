@@ -56,9 +56,10 @@ class Backend(ABC):
         thread per worker there)."""
         return nullcontext()
 
-    def parallel(self, fn: Callable[[int, int], T], count: int) -> list[T]:
+    def parallel(self, fn: Callable[[int, int], T], count: int, cost: int = 0) -> list[T]:
         """[fn(worker, k) for k in range(count)]: part k runs on worker k mod ``workers``
-        (worker 0 being the caller), the workers concurrently."""
+        (worker 0 being the caller), the workers concurrently. ``cost`` is the work of all the
+        parts, in batch_parts' units (a single big part may use the device's own threads)."""
         return [fn(0, k) for k in range(count)]
 
     # -- arrays -------------------------------------------------------------------------------

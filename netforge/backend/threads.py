@@ -110,14 +110,17 @@ class BatchPool:
         finally:
             self._blas_threads(previous)
 
-    def run(self, fn: Callable[[int, int], T], count: int) -> list[T]:
+    def run(self, fn: Callable[[int, int], T], count: int, wide: bool = False) -> list[T]:
         """[fn(k % W, k) for k in range(count)], the workers running concurrently; worker w
         handles its parts in increasing order. The first exception raised is re-raised once
-        every worker has stopped. A single part (a batch of one) gets every core's BLAS."""
+        every worker has stopped. A single ``wide`` part (a big batch of one) gets every
+        core's BLAS."""
         w = min(self.workers, count)
         if self.workers <= 1 or getattr(_inside, "active", False):
             # One worker, or a part asking for parts of its own: run them here (a worker
             # waiting on the pool it belongs to would wait forever).
+            return [fn(0, k) for k in range(count)]
+        if w <= 1 and not wide:
             return [fn(0, k) for k in range(count)]
         if w <= 1:
             previous = self._blas_threads(self.workers)

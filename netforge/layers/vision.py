@@ -201,11 +201,14 @@ class _ConvolutionBase(Layer):
     # layer that needed more than one part per worker, as Caffe's backward always does.
     COLUMN_BUDGET = 1 << 20  # elements (4 MB of float32)
 
-    def _parts(self, x: Any) -> list[slice]:
+    def _cost(self, x: Any) -> int:
+        """The column elements of a whole (N, C, H, W) input."""
         n, _, h, w = x.shape
         oh, ow = self.geom.conv_out(h, w)
-        per_image = self.conv_in * self.geom.kernel[0] * self.geom.kernel[1] * oh * ow
-        return self.backend.batch_parts(n, n * per_image, self.COLUMN_BUDGET)
+        return n * self.conv_in * self.geom.kernel[0] * self.geom.kernel[1] * oh * ow
+
+    def _parts(self, x: Any) -> list[slice]:
+        return self.backend.batch_parts(x.shape[0], self._cost(x), self.COLUMN_BUDGET)
 
     def _cols(self, x: Any, key: str) -> Any:
         """im2col of a convolution-view input (N, conv_in, H, W): (N·oh·ow, conv_in·kh·kw)."""
@@ -372,7 +375,7 @@ class Convolution(_ConvolutionBase):
                     self._apply(col, wt, y[parts[k]], slot, bias=True)
                 return col
 
-            cols = self.backend.parallel(run, len(parts))
+            cols = self.backend.parallel(run, len(parts), self._cost(x))
             if len(parts) <= self.backend.workers and self.phase == PHASE_TRAIN:
                 self._kept[i] = cols  # one part per worker: no buffer was reused
 
@@ -406,7 +409,8 @@ class Convolution(_ConvolutionBase):
                         self._apply_t(dy, b.diff[part], slot, dcol=col)
                 return grads if first else None
 
-            self._accumulate([g for g in self.backend.parallel(run, len(parts)) if g])
+            grads = self.backend.parallel(run, len(parts), self._cost(b.data))
+            self._accumulate([g for g in grads if g])
             if down:
                 kept.pop(i, None)  # overwritten: another backward recomputes them
 
