@@ -32,8 +32,9 @@ except ImportError:  # pragma: no cover
 # everything: with the geometry a compile-time constant, LLVM unrolls the window (for pooling, into
 # a branch-free chain of compares and selects) and drops the bounds arithmetic, several times
 # faster than the same loops over run-time bounds. So each geometry gets its own compiled kernel,
-# made on first use (~0.3 s) and kept for the process. Windows that reach into the padding or past
-# the border (the first/last rows and columns) take the clipped, general path of the same kernel.
+# made on first use (~0.3 s; numba's on-disk cache, keyed by the geometry, skips that in later
+# processes). Windows that reach into the padding or past the border (the first/last rows and
+# columns) take the clipped, general path of the same kernel.
 
 _made: dict[tuple[Any, ...], Any] = {}
 _made_lock = threading.Lock()
@@ -61,7 +62,7 @@ def _kernel(kind: str, geometry: tuple[int, ...]) -> Any:
 
 def _make_im2col_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
                       dw: int) -> Any:
-    @njit(nogil=True)
+    @njit(nogil=True, cache=True)
     def kernel(x: Any, out: Any, oh: int, ow: int, x_lo: int, x_hi: int) -> None:
         n_img, c_in, h, w = x.shape
         for n in range(n_img):
@@ -92,7 +93,7 @@ def _make_im2col_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: 
 
 def _make_col2im_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
                       dw: int) -> Any:
-    @njit(nogil=True)
+    @njit(nogil=True, cache=True)
     def kernel(col: Any, out: Any, oh: int, ow: int, x_lo: int, x_hi: int) -> None:
         n_img, c_in, h, w = out.shape
         for n in range(n_img):
@@ -146,7 +147,7 @@ def col2im_rows(col: np.ndarray, out: np.ndarray, geometry: tuple[int, ...], oh:
 
 def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                    with_arg: bool) -> Any:
-    @njit(nogil=True)
+    @njit(nogil=True, cache=True)
     def clipped(p: Any, y: int, xx: int, h: int, w: int) -> tuple[Any, int]:
         h0, w0 = y * sh - ph, xx * sw - pw
         hs, he, ws, we = max(h0, 0), min(h0 + kh, h), max(w0, 0), min(w0 + kw, w)
@@ -160,7 +161,7 @@ def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                     m, a = v, (hy - h0) * kw + (wx - w0)
         return m, a
 
-    @njit(nogil=True)
+    @njit(nogil=True, cache=True)
     def kernel(x: Any, best: Any, arg: Any, y_lo: int, y_hi: int, x_lo: int,
                x_hi: int) -> None:
         n_img, c_in, h, w = x.shape
@@ -198,7 +199,7 @@ def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
 
 
 def _make_ave_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
-    @njit(nogil=True)
+    @njit(nogil=True, cache=True)
     def kernel(x: Any, out: Any, size: Any, y_lo: int, y_hi: int, x_lo: int,
                x_hi: int) -> None:
         n_img, c_in, h, w = x.shape
@@ -227,7 +228,7 @@ def _make_ave_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
 
 
 def _make_max_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
-    @njit(nogil=True)
+    @njit(nogil=True, cache=True)
     def kernel(dy: Any, arg: Any, dx: Any) -> None:
         n_img, c_in = dx.shape[0], dx.shape[1]
         oh, ow = dy.shape[2], dy.shape[3]
@@ -246,7 +247,7 @@ def _make_max_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
 
 
 def _make_ave_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
-    @njit(nogil=True)
+    @njit(nogil=True, cache=True)
     def kernel(dy: Any, dx: Any, size: Any, y_lo: int, y_hi: int, x_lo: int, x_hi: int) -> None:
         n_img, c_in, h, w = dx.shape
         oh, ow = dy.shape[2], dy.shape[3]
