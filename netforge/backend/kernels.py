@@ -147,7 +147,7 @@ def col2im_rows(col: np.ndarray, out: np.ndarray, geometry: tuple[int, ...], oh:
 
 def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                    with_arg: bool) -> Any:
-    @njit(nogil=True, cache=True)
+    @njit(nogil=True, cache=True, inline="always")
     def clipped(p: Any, y: int, xx: int, h: int, w: int) -> tuple[Any, int]:
         h0, w0 = y * sh - ph, xx * sw - pw
         hs, he, ws, we = max(h0, 0), min(h0 + kh, h), max(w0, 0), min(w0 + kw, w)
@@ -161,6 +161,17 @@ def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                     m, a = v, (hy - h0) * kw + (wx - w0)
         return m, a
 
+    @njit(nogil=True, cache=True, inline="always")
+    def window(p: Any, y0: int, x0: int) -> tuple[Any, int]:
+        m, k = p[y0, x0], 0
+        for i in range(kh):  # constant trip counts: unrolled
+            for j in range(kw):
+                v = p[y0 + i, x0 + j]
+                up = v > m  # strict: the first of equal values wins
+                k = i * kw + j if up else k
+                m = v if up else m
+        return m, k
+
     @njit(nogil=True, cache=True)
     def kernel(x: Any, best: Any, arg: Any, y_lo: int, y_hi: int, x_lo: int,
                x_hi: int) -> None:
@@ -169,28 +180,32 @@ def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
         for n in range(n_img):
             for c in range(c_in):
                 p = x[n, c]
-                for y in range(oh):
-                    b = best[n, c, y]
-                    a = arg[n, c, y] if with_arg else arg[0, 0, 0]
-                    inside = y_lo <= y < y_hi
-                    for xx in range(ow):
-                        if not (inside and x_lo <= xx < x_hi):
-                            m, k = clipped(p, y, xx, h, w)
+                if ph == 0 and pw == 0:
+                    # Without padding the inside windows are a block from (0, 0): loops
+                    # from 0 with no test in them, which LLVM vectorizes (a per-row or
+                    # per-column test, or a loop from a run-time start, made it 2-5x slower).
+                    for y in range(y_hi):
+                        b, a = best[n, c, y], arg[n, c, y] if with_arg else arg[0, 0, 0]
+                        for xx in range(x_hi):
+                            m, k = window(p, y * sh, xx * sw)
                             b[xx] = m
                             if with_arg:
                                 a[xx] = k
-                    if not inside:
-                        continue
-                    y0 = y * sh - ph
-                    for xx in range(x_lo, x_hi):
-                        x0 = xx * sw - pw
-                        m, k = p[y0, x0], 0
-                        for i in range(kh):  # constant trip counts: unrolled
-                            for j in range(kw):
-                                v = p[y0 + i, x0 + j]
-                                up = v > m  # strict: the first of equal values wins
-                                k = i * kw + j if up else k
-                                m = v if up else m
+                    for y in range(oh):  # the CEIL overhang: bottom rows, right columns
+                        for xx in range(x_hi if y < y_hi else 0, ow):
+                            m, k = clipped(p, y, xx, h, w)
+                            best[n, c, y, xx] = m
+                            if with_arg:
+                                arg[n, c, y, xx] = k
+                    continue
+                for y in range(oh):
+                    b, a = best[n, c, y], arg[n, c, y] if with_arg else arg[0, 0, 0]
+                    inside = y_lo <= y < y_hi
+                    for xx in range(ow):
+                        if inside and x_lo <= xx < x_hi:
+                            m, k = window(p, y * sh - ph, xx * sw - pw)
+                        else:
+                            m, k = clipped(p, y, xx, h, w)
                         b[xx] = m
                         if with_arg:
                             a[xx] = k
@@ -199,6 +214,23 @@ def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
 
 
 def _make_ave_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
+    @njit(nogil=True, cache=True, inline="always")
+    def window(p: Any, y0: int, x0: int) -> float:
+        s = 0.0
+        for i in range(kh):  # constant trip counts: unrolled
+            for j in range(kw):
+                s += p[y0 + i, x0 + j]
+        return s
+
+    @njit(nogil=True, cache=True, inline="always")
+    def clipped(p: Any, y: int, xx: int, h: int, w: int) -> float:
+        h0, w0 = y * sh - ph, xx * sw - pw
+        s = 0.0
+        for hy in range(max(h0, 0), min(h0 + kh, h)):
+            for wx in range(max(w0, 0), min(w0 + kw, w)):
+                s += p[hy, wx]
+        return s
+
     @njit(nogil=True, cache=True)
     def kernel(x: Any, out: Any, size: Any, y_lo: int, y_hi: int, x_lo: int,
                x_hi: int) -> None:
@@ -207,22 +239,23 @@ def _make_ave_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
         for n in range(n_img):
             for c in range(c_in):
                 p = x[n, c]
+                if ph == 0 and pw == 0:  # as in MAX: the inside block first, branch-free
+                    for y in range(y_hi):
+                        o, sz = out[n, c, y], size[y]
+                        for xx in range(x_hi):
+                            o[xx] = window(p, y * sh, xx * sw) / sz[xx]
+                    for y in range(oh):
+                        for xx in range(x_hi if y < y_hi else 0, ow):
+                            out[n, c, y, xx] = clipped(p, y, xx, h, w) / size[y, xx]
+                    continue
                 for y in range(oh):
-                    o = out[n, c, y]
+                    o, sz = out[n, c, y], size[y]
                     inside = y_lo <= y < y_hi
-                    h0 = y * sh - ph
                     for xx in range(ow):
-                        w0 = xx * sw - pw
-                        s = 0.0
                         if inside and x_lo <= xx < x_hi:
-                            for i in range(kh):  # constant trip counts: unrolled
-                                for j in range(kw):
-                                    s += p[h0 + i, w0 + j]
+                            o[xx] = window(p, y * sh - ph, xx * sw - pw) / sz[xx]
                         else:
-                            for hy in range(max(h0, 0), min(h0 + kh, h)):
-                                for wx in range(max(w0, 0), min(w0 + kw, w)):
-                                    s += p[hy, wx]
-                        o[xx] = s / size[y, xx]
+                            o[xx] = clipped(p, y, xx, h, w) / sz[xx]
 
     return kernel
 
