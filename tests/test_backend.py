@@ -222,10 +222,12 @@ def test_test_phase_max_pooling_skips_argmax_but_still_backprops(geometry: str) 
     np.testing.assert_array_equal(results[0][1], results[1][1])
 
 
-def test_net_on_two_workers_matches_one() -> None:
+@pytest.mark.parametrize("compiled", [True, False])
+def test_net_on_two_workers_matches_one(compiled: bool) -> None:
     """A whole net (Convolution, MAX and AVE Pooling, InnerProduct, loss) split over two
     workers gives the single worker's outputs and gradients up to summation order, and the
-    same results again on a second run (the split is static)."""
+    same results again on a second run (the split is static); with the compiled kernels and
+    with the NumPy paths."""
     from google.protobuf import text_format
 
     from netforge import Net
@@ -252,7 +254,7 @@ def test_net_on_two_workers_matches_one() -> None:
     x, label = rng.normal(size=(6, 3, 12, 12)), rng.integers(0, 4, size=6)
     results = []
     for workers in (1, 2, 2):
-        backend = NumpyBackend("float64", workers=workers)
+        backend = NumpyBackend("float64", workers=workers, compiled=compiled)
         if backend.workers != workers:
             pytest.skip("no per-thread BLAS control here: batch parallelism is off")
         backend.parallel_min = 0  # split even this small net

@@ -14,7 +14,7 @@ one Pooling per pyramid level, as Caffe builds it, and concatenates the flattene
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -585,7 +585,8 @@ class Pooling(Layer):
                 self.backend.ave_pool(x, top[0].data, self._pool_size(*x.shape[2:]),
                                       self._geometry())
             else:
-                top[0].data[...] = self._average(x)
+                y = top[0].data
+                self._per_part(x, lambda part: y.__setitem__(part, self._average(x[part])))
             return
         if self._compiled(x) and self.phase != PHASE_TRAIN and len(top) == 1:
             # TEST needs no argmax: a branch-free max; backward (rare in TEST) recomputes it.
@@ -597,15 +598,27 @@ class Pooling(Layer):
                 arg = self.xp.empty(top[0].shape, dtype=self.xp.int32)
             self.backend.max_pool(x, top[0].data, arg, self._geometry())
             self._argmax = arg
-        else:
-            best, self._argmax = self._max(x)  # _argmax: window offset i·kw + j, -1 if empty
-            top[0].data[...] = best
+        else:  # _argmax: window offset i·kw + j, -1 if empty
+            y = top[0].data
+            arg = self.xp.empty(y.shape, dtype=self.xp.int32)
+
+            def run(part: slice) -> None:
+                y[part], arg[part] = self._max(x[part])
+
+            self._per_part(x, run)
+            self._argmax = arg
         if len(top) > 1:  # the mask: flat index h·W + w of each max in its input plane
             kw, (sh, sw), (ph, pw), (oh, ow) = self.kernel[1], self.stride, self.pad, self.out
             arg, xp = self._argmax, self.xp
             hh = (xp.arange(oh) * sh - ph)[:, None] + arg // kw
             ww = (xp.arange(ow) * sw - pw)[None, :] + arg % kw
             top[1].data[...] = xp.where(arg >= 0, hh * x.shape[3] + ww, -1)
+
+    def _per_part(self, x: Any, fn: Callable[[slice], None]) -> None:
+        """fn(part) for parts of the batch, on every worker (the NumPy paths; the compiled
+        kernels split the batch in the backend)."""
+        parts = self.backend.batch_parts(x.shape[0], x.size)
+        self.backend.parallel(lambda _, k: fn(parts[k]), len(parts), x.size)
 
     def _average(self, x: Any) -> Any:
         if self._single_window(x):
@@ -663,15 +676,21 @@ class Pooling(Layer):
                 self.backend.max_pool_backward(dy, self._argmax, bottom[0].diff,
                                                self._geometry())
             return
-        if self.method == PP.AVE:
-            dy = dy / self._pool_size(h, w)
+        size = self._pool_size(h, w) if self.method == PP.AVE else None
         (ph, pw), (eh, ew) = self.pad, self.extra
-        gpad = xp.zeros((n, c, h + 2 * ph + eh, w + 2 * pw + ew), dtype=x.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                g = dy if self.method == PP.AVE else dy * (self._argmax == i * kw + j)
-                _strided(gpad, i, j, *self.stride, oh, ow)[...] += g
-        bottom[0].diff[...] = gpad[:, :, ph:ph + h, pw:pw + w]
+        dx = bottom[0].diff
+
+        def run(part: slice) -> None:
+            d = dy[part] / size if size is not None else dy[part]
+            gpad = xp.zeros((d.shape[0], c, h + 2 * ph + eh, w + 2 * pw + ew), dtype=x.dtype)
+            arg = None if size is not None else self._argmax[part]
+            for i in range(kh):
+                for j in range(kw):
+                    g = d if arg is None else d * (arg == i * kw + j)
+                    _strided(gpad, i, j, *self.stride, oh, ow)[...] += g
+            dx[part] = gpad[:, :, ph:ph + h, pw:pw + w]
+
+        self._per_part(x, run)
 
 
 SPPP = pb.SPPParameter
