@@ -333,3 +333,19 @@ def test_convolution_per_image_products_match_the_row_layout(
     np.testing.assert_allclose(dx1, dx2, rtol=1e-12, atol=1e-12)
     for a, b in zip(g1, g2, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_layer_buffers_grow_per_key_and_are_reused() -> None:
+    """One scratch block per key: smaller shapes reuse it, a larger one replaces it, so parts
+    of different sizes and changing batch sizes do not pile up memory."""
+    from tests.helpers import make_layer
+
+    layer = make_layer("ReLU")
+    a = layer.buffer("rows.0", (4, 6))
+    b = layer.buffer("rows.0", (3, 5))
+    assert b.shape == (3, 5) and b.flags.c_contiguous and np.shares_memory(a, b)
+    c = layer.buffer("rows.0", (5, 6))
+    assert not np.shares_memory(a, c)
+    assert np.shares_memory(c, layer.buffer("rows.0", (4, 6)))
+    assert not np.shares_memory(c, layer.buffer("rows.1", (4, 6)))
+    assert len(layer._bufs) == 2

@@ -103,13 +103,18 @@ class Layer:
 
     # -- helpers ----------------------------------------------------------------------------------
     def buffer(self, key: str, shape: tuple[int, ...]) -> Any:
-        """A scratch array of ``shape`` kept between iterations under ``key`` (no allocation
-        in the hot loop). Keys name a role and, for batch-parallel layers, the worker."""
+        """A contiguous scratch array of ``shape`` kept between iterations under ``key`` (no
+        allocation in the hot loop). Keys name a role and, for batch-parallel layers, the
+        worker. One block per key, grown to the largest shape asked for, so parts of different
+        sizes or a changing batch size do not pile up buffers."""
+        size = 1
+        for d in shape:
+            size *= d
         bufs = self.__dict__.setdefault("_bufs", {})
-        buf = bufs.get((key, shape))
-        if buf is None:
-            buf = bufs[(key, shape)] = self.backend.empty(shape)
-        return buf
+        flat = bufs.get(key)
+        if flat is None or flat.size < size:
+            flat = bufs[key] = self.backend.empty((size,))
+        return flat[:size].reshape(shape)
 
     def make_blob(self, shape: Sequence[int], name: str = "") -> Blob:
         return Blob(self.backend, tuple(int(s) for s in shape), name or self.name)
