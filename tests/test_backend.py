@@ -1,6 +1,10 @@
-"""The NumPy backend's kernels: im2col layouts agree, and col2im is im2col's adjoint."""
+"""The NumPy backend: its kernels (im2col layouts agree, col2im is im2col's adjoint, compiled
+against NumPy) and its batch parallelism (parts equal the whole batch, the worker pool)."""
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import numpy as np
 import pytest
@@ -349,3 +353,31 @@ def test_layer_buffers_grow_per_key_and_are_reused() -> None:
     assert np.shares_memory(c, layer.buffer("rows.0", (4, 6)))
     assert not np.shares_memory(c, layer.buffer("rows.1", (4, 6)))
     assert len(layer._bufs) == 2
+
+
+def _parallel_in_child(queue: Any) -> None:
+    backend = NumpyBackend("float64", workers=2)
+    queue.put(backend.parallel(lambda s, k: (s, k), 4))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # 3.12+: fork of a threaded process
+def test_batch_pool_works_in_a_forked_child() -> None:
+    """A process forked after the pool started its threads (multiprocessing's default on
+    Linux) must get threads of its own, not wait forever on its parent's."""
+    import multiprocessing
+
+    backend = NumpyBackend("float64", workers=2)
+    if backend.workers != 2:
+        pytest.skip("no per-thread BLAS control here: batch parallelism is off")
+    backend.parallel(lambda s, k: k, 2)  # the parent's worker thread exists now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_parallel_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in backend.parallel")
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == [(0, 0), (1, 1), (0, 2), (1, 3)]

@@ -24,6 +24,7 @@ import ctypes
 import glob
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -69,6 +70,18 @@ def _default_workers() -> int:
 
 
 _inside = threading.local()  # .active: this thread is running a part
+_pools: weakref.WeakSet[BatchPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads: let each pool start its own."""
+    for pool in list(_pools):
+        pool._executor = None
+        pool._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class BatchPool:
@@ -81,6 +94,7 @@ class BatchPool:
         self.workers = wanted if self._set_blas is not None else 1
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        _pools.add(self)
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
