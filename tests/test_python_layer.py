@@ -47,6 +47,32 @@ class ScaledSquare(PythonLayer):
 class Broken:
     def setup(self, bottom, top):
         raise RuntimeError("no good")
+
+    def reshape(self, bottom, top):
+        pass
+
+    def forward(self, bottom, top):
+        pass
+
+
+class NoForward(PythonLayer):
+    def reshape(self, bottom, top):
+        pass
+
+
+class Plain:
+    pass
+
+
+class FailsToStart(PythonLayer):
+    def __init__(self):
+        raise OSError("cannot open the lookup table")
+
+    def reshape(self, bottom, top):
+        pass
+
+    def forward(self, bottom, top):
+        pass
 '''
 
 
@@ -92,6 +118,12 @@ def test_python_layer_in_a_net_learns(user_module: str) -> None:
      "python_param.module 'no_such_mod_xyz' cannot be imported"),
     ('python_param { module: "my_layers_mod" layer: "Nope" }',
      "module 'my_layers_mod' has no class 'Nope'"),
+    ('python_param { module: "my_layers_mod" layer: "NoForward" }',
+     "class 'NoForward' in module 'my_layers_mod' must define forward$"),
+    ('python_param { module: "my_layers_mod" layer: "Plain" }',
+     "class 'Plain' in module 'my_layers_mod' must define reshape and forward"),
+    ('python_param { module: "my_layers_mod" layer: "FailsToStart" }',
+     r"creating FailsToStart\(\) failed: OSError: cannot open the lookup table"),
 ])
 def test_python_layer_errors(user_module: str, param: str, message: str) -> None:
     with pytest.raises(LayerError, match=message):

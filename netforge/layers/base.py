@@ -8,6 +8,7 @@ backend's kernels, and never open files or read the CLI.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -51,7 +52,7 @@ def register(cls: type[Layer]) -> type[Layer]:
     return cls
 
 
-class Layer:
+class Layer(ABC):
     """Base class. Subclasses set ``type`` and the count declarations, and implement
     ``setup`` (read params, create ``self.blobs``), ``reshape``, ``forward`` and ``backward``.
 
@@ -84,14 +85,16 @@ class Layer:
         self.blobs: list[Blob] = []
 
     # -- the life cycle ---------------------------------------------------------------------------
-    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:  # noqa: B027
         """One-time setup: read ``self.param``, create learnable ``self.blobs``."""
 
+    @abstractmethod
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        raise NotImplementedError
+        """Shape the tops (and any scratch) for the bottoms' current shapes."""
 
+    @abstractmethod
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        raise NotImplementedError
+        """Compute the tops' data from the bottoms'."""
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,24 +25,27 @@ from netforge.blob import Blob
 from netforge.layers.base import Layer, LayerError, register
 
 
-class PythonLayer:
-    """Optional base class for user layers (pycaffe's ``caffe.Layer``)."""
+class PythonLayer(ABC):
+    """Optional base class for user layers (pycaffe's ``caffe.Layer``): a subclass must define
+    reshape and forward."""
 
     param_str: str = ""
     phase: int = 0
     blobs: list[Blob]
     xp: Any
 
-    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
+    def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:  # noqa: B027
         """Read ``self.param_str``; check the bottoms."""
 
+    @abstractmethod
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        raise NotImplementedError
+        """Shape the tops for the bottoms."""
 
+    @abstractmethod
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        raise NotImplementedError
+        """Compute the tops' data."""
 
-    def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
+    def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],  # noqa: B027
                  bottom: Sequence[Blob]) -> None:
         """No gradient by default."""
 
@@ -85,7 +89,15 @@ class Python(Layer):
         cls = getattr(mod, pp.layer, None)
         if cls is None or not isinstance(cls, type):
             raise LayerError(f"module '{pp.module}' has no class '{pp.layer}'")
-        self.impl = cls()
+        missing = [m for m in ("reshape", "forward") if not callable(getattr(cls, m, None))
+                   or getattr(getattr(cls, m), "__isabstractmethod__", False)]
+        if missing:
+            raise LayerError(f"class '{pp.layer}' in module '{pp.module}' must define "
+                             f"{' and '.join(missing)}")
+        try:
+            self.impl = cls()
+        except Exception as e:
+            raise LayerError(f"creating {pp.layer}() failed: {type(e).__name__}: {e}") from None
         self.impl.param_str = pp.param_str
         self.impl.phase = self.phase
         self.impl.blobs = self.blobs

@@ -18,6 +18,7 @@ h_0/c_0 and does flow back from the h_T/c_T tops: the exact BPTT gradient of the
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -201,15 +202,15 @@ class _Recurrent(Layer):
         else:
             self.carry = [xp.array(state, copy=True) for state in final]
 
+    @abstractmethod
     def run(self, pre: Any, cont: Any, init: list[Any], out: Blob) -> list[Any]:
         """The time loop: from the projected inputs ``pre`` (T, N, gates·H) and the initial
         states, write the output sequence, cache what backward needs, return the final states."""
-        raise NotImplementedError
 
+    @abstractmethod
     def bptt(self, dout: Any, dfinal: list[Any], cont: Any) -> tuple[Any, list[Any]]:
         """Back through time: from the output and final-state gradients, accumulate the
         recurrent (and output) weight gradients; return dL/dpre and dL/d(initial states)."""
-        raise NotImplementedError
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
