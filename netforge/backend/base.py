@@ -51,6 +51,12 @@ class Backend(ABC):
         size = -(-n // count)
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
+    def map_parts(self, n: int, cost: int, fn: Callable[[slice], None]) -> None:
+        """fn(part) for the batch_parts of a batch of ``n`` items costing ``cost``, in
+        parallel: for work whose parts write disjoint slices and need no scratch per worker."""
+        parts = self.batch_parts(n, cost)
+        self.parallel(lambda _, k: fn(parts[k]), len(parts), cost)
+
     def running(self) -> AbstractContextManager[None]:
         """Entered while a net runs forward or backward (the CPU backend pins BLAS to one
         thread per worker there)."""

@@ -137,9 +137,8 @@ class NumpyBackend(Backend):
     # runs over parts of the batch on every worker.
     def _per_part(self, kernel: Callable[..., None], batched: tuple[np.ndarray, ...],
                   *args: Any) -> None:
-        parts = self.batch_parts(batched[0].shape[0], batched[0].size)
-        self.parallel(lambda _, k: kernel(*(a[parts[k]] for a in batched), *args), len(parts),
-                      batched[0].size)
+        self.map_parts(batched[0].shape[0], batched[0].size,
+                       lambda part: kernel(*(a[part] for a in batched), *args))
 
     def max_pool(self, x: np.ndarray, best: np.ndarray, arg: np.ndarray,
                  geometry: tuple[int, ...]) -> None:

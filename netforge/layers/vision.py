@@ -14,7 +14,7 @@ one Pooling per pyramid level, as Caffe builds it, and concatenates the flattene
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -266,18 +266,15 @@ class _ConvolutionBase(Layer):
         self.backend.col2im_rows(dcol, out.shape, *geom.kernel, *geom.stride, *geom.pad,
                                  *geom.dilation, out=out)
 
-    def _weight_grad(self, col: Any, dy: Any, slot: int = 0, first: bool = True) -> Any:
-        """dyᵀ · col per group, for rows col (N·P, K) and dy (N·P, conv_out), written into
-        worker ``slot``'s accumulator (``first``) or added to it; returns the accumulator."""
+    # Gradients of the weights and bias are made per part (in buffers keyed by the part) and
+    # summed in part order by _accumulate.
+    def _weight_grad(self, col: Any, dy: Any, part: int = 0) -> Any:
+        """dyᵀ · col per group, for rows col (N·P, K) and dy (N·P, conv_out)."""
         g = self.group
-        shape = (g, self.conv_out // g, col.shape[1] // g)
-        acc = self.buffer(f"dw.{slot}", shape)
-        out = acc if first else self.buffer(f"dw_part.{slot}", shape)
+        out = self.buffer(f"dw.{part}", (g, self.conv_out // g, col.shape[1] // g))
         for i in range(g):
             self.xp.matmul(self._group_cols(dy, i).T, self._group_cols(col, i), out=out[i])
-        if not first:
-            acc += out
-        return acc
+        return out
 
     # -- the per-image products --------------------------------------------------------------------
     # With many output pixels per image and few channels (a first layer: LeNet's conv1 has 576
@@ -299,17 +296,12 @@ class _ConvolutionBase(Layer):
                        out=out.reshape(n, self.conv_out, -1))
         self._add_bias(out)
 
-    def _weight_grad_images(self, col: Any, dy: Any, slot: int, first: bool) -> Any:
-        """Σₙ dyₙ · colₙ for dy (N, conv_out, P), into worker ``slot``'s accumulator."""
+    def _weight_grad_images(self, col: Any, dy: Any, slot: int, part: int) -> Any:
+        """Σₙ dyₙ · colₙ for dy (N, conv_out, P)."""
         n, k = dy.shape[0], col.shape[1]
         per = self.buffer(f"dw_images.{slot}", (n, self.conv_out, k))
         self.xp.matmul(dy, col.reshape(n, -1, k), out=per)
-        acc = self.buffer(f"dw.{slot}", (1, self.conv_out, k))
-        if first:
-            per.sum(axis=0, out=acc[0])
-        else:
-            acc[0] += per.sum(axis=0)
-        return acc
+        return per.sum(axis=0, out=self.buffer(f"dw.{part}", (self.conv_out, k)))
 
     def _apply_t_images(self, dy: Any, out: Any, dcol: Any) -> None:
         """out (N, conv_in, H, W) = col2im(dyₙᵀ · W per image), dcol a free rows buffer."""
@@ -323,22 +315,17 @@ class _ConvolutionBase(Layer):
         if self.bias_term:
             y += self.blobs[1].data.reshape(1, -1, 1, 1)
 
-    def _bias_grad(self, dy: Any, slot: int = 0, first: bool = True) -> Any:
-        """Σ dy over images and pixels for a top gradient dy (N, num_output, h, w), written into
-        (or added to) worker ``slot``'s accumulator; None without a bias. (Summed in this
-        layout, along the contiguous pixels: several times faster than over the rows.)"""
+    def _bias_grad(self, dy: Any, part: int = 0) -> Any:
+        """Σ dy over images and pixels for a top gradient dy (N, num_output, h, w); None
+        without a bias. (Summed in this layout, along the contiguous pixels: several times
+        faster than over the rows.)"""
         if not self.bias_term:
             return None
-        acc = self.buffer(f"db.{slot}", (dy.shape[1],))
         per_image = dy.reshape(dy.shape[0], dy.shape[1], -1).sum(axis=2)
-        if first:
-            per_image.sum(axis=0, out=acc)
-        else:
-            acc += per_image.sum(axis=0)
-        return acc
+        return per_image.sum(axis=0, out=self.buffer(f"db.{part}", (dy.shape[1],)))
 
     def _accumulate(self, grads: Sequence[tuple[Any, Any]]) -> None:
-        """Add the workers' (dW, db) accumulators to the parameter diffs, in worker order."""
+        """Add the parts' (dW, db) to the parameter diffs, in part order."""
         weight = self.blobs[0]
         for dw, db in grads:
             weight.diff += dw.reshape(weight.shape)
@@ -383,34 +370,33 @@ class Convolution(_ConvolutionBase):
                  bottom: Sequence[Blob]) -> None:
         # Columns kept from forward (TRAIN, one part per worker) are reused; otherwise they are
         # recomputed per part, as Caffe's backward recomputes im2col.
-        kept, workers = getattr(self, "_kept", {}), self.backend.workers
+        kept = getattr(self, "_kept", {})
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
             parts, cols, down = self._parts(b.data), kept.get(i), propagate_down[i]
             per_image = self._per_image(t.shape[2] * t.shape[3], backward=True)
 
             def run(slot: int, k: int, t: Blob = t, b: Blob = b, parts: list[slice] = parts,
                     cols: list[Any] | None = cols, down: bool = down, i: int = i,
-                    per_image: bool = per_image) -> tuple[Any, Any] | None:
-                part, first = parts[k], k < workers
+                    per_image: bool = per_image) -> tuple[Any, Any]:
+                part = parts[k]
                 col = cols[k] if cols is not None else self._cols(b.data[part], f"col{i}.{slot}")
-                bias = self._bias_grad(t.diff[part], slot, first)
+                bias = self._bias_grad(t.diff[part], k)
                 # Once the weight gradient is made the columns are used up: their buffer
                 # takes dy · W.
                 if per_image:
                     dy = t.diff[part].reshape(col.shape[0] // (t.shape[2] * t.shape[3]),
                                               self.conv_out, -1)
-                    grads = self._weight_grad_images(col, dy, slot, first), bias
+                    grads = self._weight_grad_images(col, dy, slot, k), bias
                     if down:
                         self._apply_t_images(dy, b.diff[part], dcol=col)
                 else:
                     dy = self._to_rows(t.diff[part], f"dy.{slot}")
-                    grads = self._weight_grad(col, dy, slot, first), bias
+                    grads = self._weight_grad(col, dy, k), bias
                     if down:
                         self._apply_t(dy, b.diff[part], slot, dcol=col)
-                return grads if first else None
+                return grads
 
-            grads = self.backend.parallel(run, len(parts), self._cost(b.data))
-            self._accumulate([g for g in grads if g])
+            self._accumulate(self.backend.parallel(run, len(parts), self._cost(b.data)))
             if down:
                 kept.pop(i, None)  # overwritten: another backward recomputes them
 
@@ -586,7 +572,11 @@ class Pooling(Layer):
                                       self._geometry())
             else:
                 y = top[0].data
-                self._per_part(x, lambda part: y.__setitem__(part, self._average(x[part])))
+
+                def average(part: slice) -> None:
+                    y[part] = self._average(x[part])
+
+                self.backend.map_parts(x.shape[0], x.size, average)
             return
         if self._compiled(x) and self.phase != PHASE_TRAIN and len(top) == 1:
             # TEST needs no argmax: a branch-free max; backward (rare in TEST) recomputes it.
@@ -605,7 +595,7 @@ class Pooling(Layer):
             def run(part: slice) -> None:
                 y[part], arg[part] = self._max(x[part])
 
-            self._per_part(x, run)
+            self.backend.map_parts(x.shape[0], x.size, run)
             self._argmax = arg
         if len(top) > 1:  # the mask: flat index h·W + w of each max in its input plane
             kw, (sh, sw), (ph, pw), (oh, ow) = self.kernel[1], self.stride, self.pad, self.out
@@ -613,12 +603,6 @@ class Pooling(Layer):
             hh = (xp.arange(oh) * sh - ph)[:, None] + arg // kw
             ww = (xp.arange(ow) * sw - pw)[None, :] + arg % kw
             top[1].data[...] = xp.where(arg >= 0, hh * x.shape[3] + ww, -1)
-
-    def _per_part(self, x: Any, fn: Callable[[slice], None]) -> None:
-        """fn(part) for parts of the batch, on every worker (the NumPy paths; the compiled
-        kernels split the batch in the backend)."""
-        parts = self.backend.batch_parts(x.shape[0], x.size)
-        self.backend.parallel(lambda _, k: fn(parts[k]), len(parts), x.size)
 
     def _average(self, x: Any) -> Any:
         if self._single_window(x):
@@ -690,7 +674,7 @@ class Pooling(Layer):
                     _strided(gpad, i, j, *self.stride, oh, ow)[...] += g
             dx[part] = gpad[:, :, ph:ph + h, pw:pw + w]
 
-        self._per_part(x, run)
+        self.backend.map_parts(x.shape[0], x.size, run)
 
 
 SPPP = pb.SPPParameter
