@@ -69,7 +69,7 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-_inside = threading.local()  # .active: this thread is running a part
+_inside = threading.local()  # .slot: the worker this thread is running a part for
 _pools: weakref.WeakSet[BatchPool] = weakref.WeakSet()
 
 
@@ -131,11 +131,12 @@ class BatchPool:
         every worker has stopped. A single ``wide`` part (a big batch of one) gets every
         core's BLAS."""
         w = min(self.workers, count)
-        if self.workers <= 1 or getattr(_inside, "active", False):
-            # One worker, or a part asking for parts of its own: run them here (a worker
+        slot = getattr(_inside, "slot", None)
+        if slot is not None:
+            # A part asking for parts of its own: run them here, as the same worker (a worker
             # waiting on the pool it belongs to would wait forever).
-            return [fn(0, k) for k in range(count)]
-        if w <= 1 and not wide:
+            return [fn(slot, k) for k in range(count)]
+        if self.workers <= 1 or (w <= 1 and not wide):
             return [fn(0, k) for k in range(count)]
         if w <= 1:
             previous = self._blas_threads(self.workers)
@@ -146,12 +147,12 @@ class BatchPool:
         results: list[T | None] = [None] * count
 
         def worker(slot: int) -> None:
-            _inside.active = True
+            _inside.slot = slot
             try:
                 for k in range(slot, count, w):
                     results[k] = fn(slot, k)
             finally:
-                _inside.active = False
+                _inside.slot = None
 
         futures: list[Future[None]] = [self._pool().submit(worker, s) for s in range(1, w)]
         previous = self._blas_threads(1)
