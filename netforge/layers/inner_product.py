@@ -70,14 +70,17 @@ class InnerProduct(Layer):
             part = parts[k]
             if self.transpose:
                 xp.matmul(x[part], w, out=y[part])
-            else:
-                # W · xᵀ, then transposed into y: OpenBLAS runs this orientation faster than
-                # x · Wᵀ (LeNet's ip1, half a batch: 0.34 vs 0.46 ms).
-                yt = self.buffer(f"yt.{slot}", (self.num_output, part.stop - part.start))
-                xp.matmul(w, x[part].T, out=yt)
-                y[part] = yt.T
+                if b is not None:
+                    y[part] += b
+                return
+            # W · xᵀ, then transposed into y (with the bias, in one pass): OpenBLAS runs this
+            # orientation faster than x · Wᵀ (LeNet's ip1, half a batch: 0.34 vs 0.46 ms).
+            yt = self.buffer(f"yt.{slot}", (self.num_output, part.stop - part.start))
+            xp.matmul(w, x[part].T, out=yt)
             if b is not None:
-                y[part] += b
+                xp.add(yt.T, b, out=y[part])
+            else:
+                y[part] = yt.T
 
         self.backend.parallel(run, len(parts), self._cost(x.shape[0]))
 
