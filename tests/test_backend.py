@@ -30,6 +30,9 @@ def test_im2col_layouts_agree(case: tuple[int, ...]) -> None:
     np.testing.assert_array_equal(rows.reshape(n, p, kk).transpose(0, 2, 1), per_image)
     again = B.im2col_rows(x, *k, out=rows)
     assert again is rows
+    buffer = np.full(per_image.shape, 3.0)
+    assert B.im2col(x, *k, out=buffer) is buffer
+    np.testing.assert_array_equal(buffer, per_image)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -43,6 +46,9 @@ def test_col2im_is_the_adjoint(case: tuple[int, ...]) -> None:
     a = rng.normal(size=cols.shape)
     b = rng.normal(size=rows.shape)
     assert np.vdot(cols, a) == pytest.approx(np.vdot(x, B.col2im(a, x.shape, *k)))
+    into = np.full(x.shape, 7.0)
+    assert B.col2im(a, x.shape, *k, out=into) is into
+    assert np.vdot(cols, a) == pytest.approx(np.vdot(x, into))
     out = np.full(x.shape, 7.0)
     back = B.col2im_rows(b, x.shape, *k, out=out)
     assert back is out
@@ -81,6 +87,15 @@ def test_compiled_im2col_col2im_match_numpy(case: tuple[int, ...]) -> None:
     d = np.random.default_rng(3).normal(size=cols.shape)
     np.testing.assert_allclose(fast.col2im_rows(d, x.shape, *k, out=np.empty(x.shape)),
                                slow.col2im_rows(d, x.shape, *k), rtol=1e-12, atol=1e-12)
+    # Caffe's per-image layout (N, C·kh·kw, oh·ow), into reused buffers
+    buffer = np.full((n, cols.shape[1], cols.shape[0] // n), 5.0)
+    per_image = fast.im2col(x, *k, out=buffer)
+    assert per_image is buffer
+    np.testing.assert_array_equal(per_image, slow.im2col(x, *k))
+    d = np.random.default_rng(4).normal(size=per_image.shape)
+    out = np.full(x.shape, 7.0)
+    assert fast.col2im(d, x.shape, *k, out=out) is out
+    np.testing.assert_allclose(out, slow.col2im(d, x.shape, *k), rtol=1e-12, atol=1e-12)
 
 
 @kernels_available
@@ -303,41 +318,62 @@ def test_convolution_backward_twice_gives_the_same_gradients() -> None:
 
 
 @pytest.mark.parametrize("params", [
-    "num_output: 4 kernel_size: 3 pad: 1",  # 2·3·3 = 18 column entries: per image both ways
-    "num_output: 3 kernel_size: 5 pad: 2 stride: 1",  # 2·5·5 = 50
+    "num_output: 4 kernel_size: 3 pad: 1",
+    "num_output: 3 kernel_size: 5 pad: 2 stride: 1",
     "num_output: 4 kernel_size: 3 stride: 1 dilation: 2 pad: 2"])
-@pytest.mark.parametrize("channels", [2, 8])  # 8 channels: forward in rows, backward per image
+@pytest.mark.parametrize("channels", [2, 8])  # 8: large enough for the compiled im2col
 def test_convolution_per_image_products_match_the_row_layout(
         monkeypatch: pytest.MonkeyPatch, params: str, channels: int) -> None:
-    """Layers with many output pixels use one GEMM per image; results must equal the row
-    layout's (which the PyTorch oracle tests cover)."""
+    """Layers with more output pixels than column entries use one GEMM per image on Caffe's
+    column layout; results must equal the row layout's (which the PyTorch oracle tests
+    cover)."""
     from netforge.layers.vision import _ConvolutionBase
     from tests.helpers import blob, make_layer, tops
 
     rng = np.random.default_rng(12)
-    x = rng.normal(size=(3, channels, 16, 17))
+    x = rng.normal(size=(8, channels, 16, 17))  # 16·17 = 272 output pixels
     results, used = [], []
     for per_image in (True, False):
         if not per_image:
-            monkeypatch.setattr(_ConvolutionBase, "_per_image", lambda self, p, backward: False)
+            monkeypatch.setattr(_ConvolutionBase, "_per_image", lambda self, pixels: False)
         layer = make_layer("Convolution", f"convolution_param {{ {params} "
                                           "weight_filler { type: 'gaussian' } "
                                           "bias_filler { type: 'gaussian' } }")
         bottom, top = [blob(data=x.copy())], tops(1)
         layer.setup(bottom, top)
         layer.reshape(bottom, top)
-        used.append([layer._per_image(top[0].shape[2] * top[0].shape[3], b) for b in (0, 1)])
+        used.append(layer._per_image(top[0].shape[2] * top[0].shape[3]))
         layer.forward(bottom, top)
         top[0].diff[...] = np.random.default_rng(13).normal(size=top[0].shape)
         layer.backward(top, [True], bottom)
         results.append((top[0].data.copy(), bottom[0].diff.copy(),
                         [b.diff.copy() for b in layer.blobs]))
-    assert used[0][1] and used[0][0] == (channels == 2)  # the per-image paths ran
+    assert used == [True, False]  # the per-image path ran, then the row layout
     (y1, dx1, g1), (y2, dx2, g2) = results
     np.testing.assert_allclose(y1, y2, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dx1, dx2, rtol=1e-12, atol=1e-12)
     for a, b in zip(g1, g2, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_convolution_layout_choice() -> None:
+    """Per image when an image has at least 256 output pixels and no fewer than its column
+    entries (LeNet's conv1); the row layout otherwise (LeNet's conv2, grouped layers)."""
+    from tests.helpers import blob, make_layer, tops
+
+    def per_image(channels: int, size: int, extra: str = "") -> bool:
+        layer = make_layer("Convolution", f"convolution_param {{ num_output: 4 kernel_size: 5 "
+                                          f"{extra} }}")
+        bottom, top = [blob(data=np.zeros((1, channels, size, size)))], tops(1)
+        layer.setup(bottom, top)
+        layer.reshape(bottom, top)
+        return bool(layer._per_image(top[0].shape[2] * top[0].shape[3]))
+
+    assert per_image(1, 28)                   # 576 pixels, 25 entries
+    assert not per_image(20, 12)              # 64 pixels
+    assert not per_image(20, 24)              # 400 pixels, 500 entries
+    assert per_image(20, 30)                  # 676 pixels, 500 entries
+    assert not per_image(2, 28, "group: 2")   # grouped: the row layout's group slices
 
 
 def test_layer_buffers_grow_per_key_and_are_reused() -> None:

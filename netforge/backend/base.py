@@ -118,10 +118,10 @@ class Backend(ABC):
 
     @abstractmethod
     def im2col(self, x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
-               dh: int, dw: int) -> Any:
+               dh: int, dw: int, out: Any = None) -> Any:
         """(N, C, H, W) -> (N, C·kh·kw, oh·ow) columns, rows ordered (c, i, j) like Caffe."""
 
     @abstractmethod
     def col2im(self, col: Any, shape: tuple[int, ...], kh: int, kw: int, sh: int, sw: int,
-               ph: int, pw: int, dh: int, dw: int) -> Any:
+               ph: int, pw: int, dh: int, dw: int, out: Any = None) -> Any:
         """The adjoint of ``im2col``."""

@@ -1,7 +1,8 @@
 """Compiled CPU kernels (numba), used by the NumPy backend when numba is installed.
 
 These are the loops NumPy cannot express without copies: im2col/col2im into and out of the
-(N·oh·ow, C·kh·kw) row layout, and max/average pooling. Each kernel is single-threaded and
+(N·oh·ow, C·kh·kw) row layout and Caffe's per-image (N, C·kh·kw, oh·ow) layout, and max/average
+pooling. Each kernel is single-threaded and
 releases the GIL; the backend runs them on parts of the batch on every core (threads.py).
 Each has a pure-NumPy twin in numpy_backend.py / the Pooling layer that the tests compare it
 with. Install with ``pip install netforge[fast]``;
@@ -19,7 +20,7 @@ import numpy as np
 try:  # pragma: no cover - depends on the environment
     if os.environ.get("NETFORGE_NUMBA", "1") == "0":
         raise ImportError("disabled by NETFORGE_NUMBA=0")
-    from numba import njit
+    from numba import njit, uintp
 
     AVAILABLE = True
 except ImportError:  # pragma: no cover
@@ -35,6 +36,11 @@ except ImportError:  # pragma: no cover
 # made on first use (~0.3 s; numba's on-disk cache, keyed by the geometry, skips that in later
 # processes). Windows that reach into the padding or past the border (the first/last rows and
 # columns) take the clipped, general path of the same kernel.
+#
+# Indices that are known not to be negative are cast to ``uintp`` in the inner loops: numba wraps
+# a negative signed index around (x[-1] is the last element), and that per-element test keeps
+# LLVM from vectorizing the loop. Measured on LeNet's conv1 columns: 0.88 ms with signed indices,
+# 0.05 ms with unsigned ones.
 
 _made: dict[tuple[Any, ...], Any] = {}
 _made_lock = threading.Lock()
@@ -82,7 +88,7 @@ def _make_im2col_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: 
                             row = out[base + xx]
                             if x_lo <= xx < x_hi:
                                 for j in range(kw):  # unrolled
-                                    row[k0 + j] = src[xx * sw - pw + j * dw]
+                                    row[uintp(k0 + j)] = src[uintp(xx * sw - pw + j * dw)]
                             else:
                                 for j in range(kw):
                                     wx = xx * sw - pw + j * dw
@@ -111,7 +117,7 @@ def _make_col2im_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: 
                             row = col[base + xx]
                             if x_lo <= xx < x_hi:
                                 for j in range(kw):  # unrolled
-                                    dst[xx * sw - pw + j * dw] += row[k0 + j]
+                                    dst[uintp(xx * sw - pw + j * dw)] += row[uintp(k0 + j)]
                             else:
                                 for j in range(kw):
                                     wx = xx * sw - pw + j * dw
@@ -140,6 +146,89 @@ def col2im_rows(col: np.ndarray, out: np.ndarray, geometry: tuple[int, ...], oh:
     col = np.ascontiguousarray(col)
     _kernel("col2im_rows", geometry)(col, out, oh, ow,
                                      *_column_bounds(out.shape[3], ow, geometry))
+    return out
+
+
+# -- im2col / col2im per image: (N, C·kh·kw, oh·ow), Caffe's column layout -----------------------
+
+def _make_im2col_images(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
+                        dw: int) -> Any:
+    @njit(nogil=True, cache=True)
+    def kernel(x: Any, out: Any, oh: int, ow: int, x_lo: int, x_hi: int) -> None:
+        n_img, c_in, h, w = x.shape
+        for n in range(n_img):
+            for c in range(c_in):
+                for i in range(kh):
+                    for j in range(kw):
+                        dst = out[n, (c * kh + i) * kw + j]
+                        shift = j * dw - pw
+                        for y in range(oh):
+                            hy = y * sh - ph + i * dh
+                            base = y * ow
+                            if hy < 0 or hy >= h:
+                                for xx in range(ow):
+                                    dst[base + xx] = 0.0
+                                continue
+                            src = x[n, c, hy]
+                            for xx in range(x_lo, x_hi):  # a strided copy (contiguous at sw=1)
+                                dst[uintp(base + xx)] = src[uintp(xx * sw + shift)]
+                            for xx in range(x_lo):  # the border columns
+                                wx = xx * sw + shift
+                                dst[base + xx] = src[wx] if 0 <= wx < w else 0.0
+                            for xx in range(x_hi, ow):
+                                wx = xx * sw + shift
+                                dst[base + xx] = src[wx] if 0 <= wx < w else 0.0
+
+    return kernel
+
+
+def _make_col2im_images(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
+                        dw: int) -> Any:
+    @njit(nogil=True, cache=True)
+    def kernel(col: Any, out: Any, oh: int, ow: int, x_lo: int, x_hi: int) -> None:
+        n_img, c_in, h, w = out.shape
+        for n in range(n_img):
+            out[n] = 0.0
+            for c in range(c_in):
+                for i in range(kh):
+                    for j in range(kw):
+                        src = col[n, (c * kh + i) * kw + j]
+                        shift = j * dw - pw
+                        for y in range(oh):
+                            hy = y * sh - ph + i * dh
+                            if hy < 0 or hy >= h:
+                                continue
+                            base = y * ow
+                            dst = out[n, c, hy]
+                            for xx in range(x_lo, x_hi):
+                                dst[uintp(xx * sw + shift)] += src[uintp(base + xx)]
+                            for xx in range(x_lo):
+                                wx = xx * sw + shift
+                                if 0 <= wx < w:
+                                    dst[wx] += src[base + xx]
+                            for xx in range(x_hi, ow):
+                                wx = xx * sw + shift
+                                if 0 <= wx < w:
+                                    dst[wx] += src[base + xx]
+
+    return kernel
+
+
+def im2col_images(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...], oh: int,
+                  ow: int) -> np.ndarray:
+    """(N, C, H, W) -> ``out`` (N, C·kh·kw, oh·ow)."""
+    x = np.ascontiguousarray(x)
+    _kernel("im2col_images", geometry)(x, out, oh, ow,
+                                       *_column_bounds(x.shape[3], ow, geometry))
+    return out
+
+
+def col2im_images(col: np.ndarray, out: np.ndarray, geometry: tuple[int, ...], oh: int,
+                  ow: int) -> np.ndarray:
+    """The adjoint of im2col_images, written over ``out`` (N, C, H, W)."""
+    col = np.ascontiguousarray(col)
+    _kernel("col2im_images", geometry)(col, out, oh, ow,
+                                       *_column_bounds(out.shape[3], ow, geometry))
     return out
 
 
@@ -309,6 +398,8 @@ def _make_ave_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
 _FACTORIES: dict[str, Any] = {
     "im2col_rows": _make_im2col_rows,
     "col2im_rows": _make_col2im_rows,
+    "im2col_images": _make_im2col_images,
+    "col2im_images": _make_col2im_images,
     "max": lambda *g: _make_max_pool(*g, with_arg=True),
     "max_values": lambda *g: _make_max_pool(*g, with_arg=False),
     "ave": _make_ave_pool,

@@ -63,29 +63,47 @@ class NumpyBackend(Backend):
         )
 
     def im2col(self, x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
-               dh: int, dw: int) -> np.ndarray:
-        """(N, C, H, W) -> columns (N, C*kh*kw, oh*ow), rows ordered (c, i, j) like Caffe."""
+               dh: int, dw: int, out: np.ndarray | None = None) -> np.ndarray:
+        """(N, C, H, W) -> columns (N, C*kh*kw, oh*ow), rows ordered (c, i, j) like Caffe;
+        written into ``out`` when it is given (and has the right shape)."""
         n, c, h, w = x.shape
         oh = conv_out_size(h, kh, sh, ph, dh)
         ow = conv_out_size(w, kw, sw, pw, dw)
+        shape = (n, c * kh * kw, oh * ow)
+        if out is None or out.shape != shape or out.dtype != x.dtype:
+            out = np.empty(shape, dtype=x.dtype)
+        if self.use_compiled(out.size):
+            return kernels.im2col_images(x, out, (kh, kw, sh, sw, ph, pw, dh, dw), oh, ow)
         win = self.sliding_windows(self.pad(x, ph, pw), kh, kw, sh, sw, oh, ow, dh, dw)
-        return np.ascontiguousarray(win).reshape(n, c * kh * kw, oh * ow)
+        np.copyto(out.reshape(n, c, kh, kw, oh, ow), win)
+        return out
 
     def col2im(self, col: np.ndarray, shape: tuple[int, ...], kh: int, kw: int, sh: int,
-               sw: int, ph: int, pw: int, dh: int, dw: int) -> np.ndarray:
-        """The adjoint of im2col: sums each column entry back into the pixel it came from."""
+               sw: int, ph: int, pw: int, dh: int, dw: int,
+               out: np.ndarray | None = None) -> np.ndarray:
+        """The adjoint of im2col: sums each column entry back into the pixel it came from
+        (``out`` is overwritten when given)."""
         n, c, h, w = shape
         oh = conv_out_size(h, kh, sh, ph, dh)
         ow = conv_out_size(w, kw, sw, pw, dw)
+        if out is None or out.shape != tuple(shape) or out.dtype != col.dtype \
+                or not out.flags.c_contiguous:
+            out = np.empty(tuple(shape), dtype=col.dtype)
+        if self.use_compiled(col.size):
+            return kernels.col2im_images(col, out, (kh, kw, sh, sw, ph, pw, dh, dw), oh, ow)
         cols = col.reshape(n, c, kh, kw, oh, ow)
-        out = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=col.dtype)
+        acc = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=col.dtype) if ph or pw else out
+        if acc is out:
+            acc[...] = 0
         for i in range(kh):
             hi = i * dh
             for j in range(kw):
                 wj = j * dw
-                out[:, :, hi:hi + sh * (oh - 1) + 1:sh,
+                acc[:, :, hi:hi + sh * (oh - 1) + 1:sh,
                     wj:wj + sw * (ow - 1) + 1:sw] += cols[:, :, i, j]
-        return out[:, :, ph:ph + h, pw:pw + w] if (ph or pw) else out
+        if ph or pw:
+            out[...] = acc[:, :, ph:ph + h, pw:pw + w]
+        return out
 
     def im2col_rows(self, x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int,
                     pw: int, dh: int, dw: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -134,10 +152,12 @@ class NumpyBackend(Backend):
         return out
 
     # Pooling kernels (only when ``compiled``); geometry = (kh, kw, sh, sw, ph, pw). Each
-    # runs over parts of the batch on every worker.
+    # runs over parts of the batch on every worker; the work is counted on the larger of the
+    # arrays (a backward pass writes every element of the bottom gradient, four times the top
+    # for 2x2 windows).
     def _per_part(self, kernel: Callable[..., None], batched: tuple[np.ndarray, ...],
                   *args: Any) -> None:
-        self.map_parts(batched[0].shape[0], batched[0].size,
+        self.map_parts(batched[0].shape[0], max(a.size for a in batched),
                        lambda part: kernel(*(a[part] for a in batched), *args))
 
     def max_pool(self, x: np.ndarray, best: np.ndarray, arg: np.ndarray,
