@@ -92,8 +92,8 @@ class InnerProduct(Layer):
         parts = self._parts(x.shape[0])
         # dW = aᵀ·b over the whole batch, split by rows of W: each worker adds its rows into
         # the diff itself (no per-part copies of dW summed afterwards on one core; LeNet's
-        # ip1 backward in a training step 1.09 -> 0.90 ms), and each row's sum over the batch is one product, so
-        # it does not depend on the number of workers.
+        # ip1 backward in a training step 1.09 -> 0.90 ms), and each row's sum over the batch
+        # is one product, so it does not depend on the number of workers.
         a, b = (x, dy) if self.transpose else (dy, x)
         step = -(-weight.shape[0] // len(parts))
         rows = [slice(i, min(i + step, weight.shape[0]))
