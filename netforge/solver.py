@@ -427,20 +427,18 @@ class Solver:
             if sp.iter_size > 1:
                 g *= 1.0 / sp.iter_size
             decay = sp.weight_decay * p.decay_mult
-            if decay:
-                if sp.regularization_type == "L2":
+            lr = rate * p.lr_mult
+            l2 = sp.regularization_type == "L2"
+            if decay and not (l2 and self.type == "SGD"):
+                if l2:
                     xp.multiply(p.blob.data, decay, out=tmp)
                 else:
                     xp.sign(p.blob.data, out=tmp)
                     tmp *= decay
                 g += tmp
-            lr = rate * p.lr_mult
-            if self.type == "SGD":  # the common case, without temporaries: h = m·h + lr·g
-                h = self.history[i]
-                h *= sp.momentum
-                xp.multiply(g, lr, out=tmp)
-                h += tmp
-                p.blob.data -= h
+            if self.type == "SGD":  # the common case, in one backend call: h = m·h + lr·g
+                self.backend.sgd_update(p.blob.data, g, self.history[i], decay if l2 else 0.0,
+                                        lr, sp.momentum, tmp)
                 continue
             self._update_value(i, n, g, lr)
             p.blob.data -= g

@@ -418,3 +418,23 @@ def test_batch_pool_works_in_a_forked_child() -> None:
         pytest.fail("the forked child hung in backend.parallel")
     assert child.exitcode == 0
     assert queue.get(timeout=5) == [(0, 0), (1, 1), (0, 2), (1, 3)]
+
+
+@kernels_available
+@pytest.mark.parametrize("decay", [0.0, 5e-4])
+def test_compiled_sgd_update_matches_numpy_bit_for_bit(decay: float) -> None:
+    """The fused update rounds every product and sum to float32 as NumPy's passes do, so
+    training gives the same weights with and without numba."""
+    rng = np.random.default_rng(7)
+    fast, slow = NumpyBackend(), NumpyBackend(compiled=False)
+    arrays = [rng.normal(size=(300, 200)).astype(np.float32) for _ in range(3)]
+    results = []
+    for backend in (fast, slow):
+        data, diff, history = (a.copy() for a in arrays)
+        assert backend.use_compiled(data.size) == (backend is fast)
+        for _ in range(3):
+            backend.sgd_update(data, diff, history, decay, 0.01, 0.9, np.empty_like(data))
+        results.append((data, diff, history))
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(results[0][0], arrays[0])

@@ -96,6 +96,20 @@ class Backend(ABC):
         out[:, :, ph:ph + h, pw:pw + w] = x
         return out
 
+    def sgd_update(self, data: Any, diff: Any, history: Any, decay: float, lr: float,
+                   momentum: float, tmp: Any) -> None:
+        """Caffe's SGD step with L2 weight decay, in place, for one parameter blob:
+        diff += decay·data; history = momentum·history + lr·diff; data -= history.
+        ``tmp`` is a scratch array of the same shape."""
+        xp = self.xp
+        if decay:
+            xp.multiply(data, decay, out=tmp)
+            diff += tmp
+        history *= momentum
+        xp.multiply(diff, lr, out=tmp)
+        history += tmp
+        data -= history
+
     # -- kernels: every backend implements these -----------------------------------------------
     @abstractmethod
     def im2col_rows(self, x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,

