@@ -172,10 +172,8 @@ def _make_im2col_images(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh
                             src = x[n, c, hy]
                             for xx in range(x_lo, x_hi):  # a strided copy (contiguous at sw=1)
                                 dst[uintp(base + xx)] = src[uintp(xx * sw + shift)]
-                            for xx in range(x_lo):  # the border columns
-                                wx = xx * sw + shift
-                                dst[base + xx] = src[wx] if 0 <= wx < w else 0.0
-                            for xx in range(x_hi, ow):
+                            for t in range(ow - x_hi + x_lo):  # the border, left then right
+                                xx = t if t < x_lo else t + x_hi - x_lo
                                 wx = xx * sw + shift
                                 dst[base + xx] = src[wx] if 0 <= wx < w else 0.0
 
@@ -202,11 +200,8 @@ def _make_col2im_images(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh
                             dst = out[n, c, hy]
                             for xx in range(x_lo, x_hi):
                                 dst[uintp(xx * sw + shift)] += src[uintp(base + xx)]
-                            for xx in range(x_lo):
-                                wx = xx * sw + shift
-                                if 0 <= wx < w:
-                                    dst[wx] += src[base + xx]
-                            for xx in range(x_hi, ow):
+                            for t in range(ow - x_hi + x_lo):  # the border, left then right
+                                xx = t if t < x_lo else t + x_hi - x_lo
                                 wx = xx * sw + shift
                                 if 0 <= wx < w:
                                     dst[wx] += src[base + xx]
