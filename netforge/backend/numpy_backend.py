@@ -62,72 +62,57 @@ class NumpyBackend(Backend):
             writeable=False,
         )
 
+    # -- columns, in two layouts: Caffe's per image (N, C·kh·kw, oh·ow), used by the Im2col
+    # layer and by convolutions with many pixels per image, and rows (N·oh·ow, C·kh·kw), one
+    # per output pixel of every image, so that a whole convolution is one GEMM against the
+    # (C·kh·kw, num_output) weights. Entries are ordered (c, i, j) like Caffe's in both.
     def im2col(self, x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                dh: int, dw: int, out: np.ndarray | None = None) -> np.ndarray:
-        """(N, C, H, W) -> columns (N, C*kh*kw, oh*ow), rows ordered (c, i, j) like Caffe;
-        written into ``out`` when it is given (and has the right shape)."""
-        n, c, h, w = x.shape
-        oh = conv_out_size(h, kh, sh, ph, dh)
-        ow = conv_out_size(w, kw, sw, pw, dw)
-        shape = (n, c * kh * kw, oh * ow)
-        if out is None or out.shape != shape or out.dtype != x.dtype:
-            out = np.empty(shape, dtype=x.dtype)
-        if self.use_compiled(out.size):
-            return kernels.im2col_images(x, out, (kh, kw, sh, sw, ph, pw, dh, dw), oh, ow)
-        win = self.sliding_windows(self.pad(x, ph, pw), kh, kw, sh, sw, oh, ow, dh, dw)
-        np.copyto(out.reshape(n, c, kh, kw, oh, ow), win)
-        return out
+        """(N, C, H, W) -> columns (N, C·kh·kw, oh·ow), written into ``out`` when it is given
+        (and has the right shape), to reuse one buffer."""
+        return self._im2col(x, (kh, kw, sh, sw, ph, pw, dh, dw), out, rows=False)
 
     def col2im(self, col: np.ndarray, shape: tuple[int, ...], kh: int, kw: int, sh: int,
                sw: int, ph: int, pw: int, dh: int, dw: int,
                out: np.ndarray | None = None) -> np.ndarray:
         """The adjoint of im2col: sums each column entry back into the pixel it came from
         (``out`` is overwritten when given)."""
-        n, c, h, w = shape
-        oh = conv_out_size(h, kh, sh, ph, dh)
-        ow = conv_out_size(w, kw, sw, pw, dw)
-        if out is None or out.shape != tuple(shape) or out.dtype != col.dtype \
-                or not out.flags.c_contiguous:
-            out = np.empty(tuple(shape), dtype=col.dtype)
-        if self.use_compiled(col.size):
-            return kernels.col2im_images(col, out, (kh, kw, sh, sw, ph, pw, dh, dw), oh, ow)
-        cols = col.reshape(n, c, kh, kw, oh, ow)
-        acc = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=col.dtype) if ph or pw else out
-        if acc is out:
-            acc[...] = 0
-        for i in range(kh):
-            hi = i * dh
-            for j in range(kw):
-                wj = j * dw
-                acc[:, :, hi:hi + sh * (oh - 1) + 1:sh,
-                    wj:wj + sw * (ow - 1) + 1:sw] += cols[:, :, i, j]
-        if ph or pw:
-            out[...] = acc[:, :, ph:ph + h, pw:pw + w]
-        return out
+        return self._col2im(col, shape, (kh, kw, sh, sw, ph, pw, dh, dw), out, rows=False)
 
     def im2col_rows(self, x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int,
                     pw: int, dh: int, dw: int, out: np.ndarray | None = None) -> np.ndarray:
-        """(N, C, H, W) -> rows (N·oh·ow, C·kh·kw): one row per output pixel of every image,
-        its columns ordered (c, i, j) like Caffe's, so a whole convolution is one GEMM against
-        the (C·kh·kw, num_output) weights. Written into ``out`` when it is given (and has the
-        right size), to reuse one buffer."""
-        n, c, h, w = x.shape
-        oh = conv_out_size(h, kh, sh, ph, dh)
-        ow = conv_out_size(w, kw, sw, pw, dw)
-        shape = (n * oh * ow, c * kh * kw)
-        if out is None or out.shape != shape or out.dtype != x.dtype:
-            out = np.empty(shape, dtype=x.dtype)
-        if self.use_compiled(out.size):
-            return kernels.im2col_rows(x, out, (kh, kw, sh, sw, ph, pw, dh, dw), oh, ow)
-        win = self.sliding_windows(self.pad(x, ph, pw), kh, kw, sh, sw, oh, ow, dh, dw)
-        np.copyto(out.reshape(n, oh, ow, c, kh, kw), win.transpose(0, 4, 5, 1, 2, 3))
-        return out
+        """(N, C, H, W) -> rows (N·oh·ow, C·kh·kw), into ``out`` when it is given."""
+        return self._im2col(x, (kh, kw, sh, sw, ph, pw, dh, dw), out, rows=True)
 
     def col2im_rows(self, col: np.ndarray, shape: tuple[int, ...], kh: int, kw: int, sh: int,
                     sw: int, ph: int, pw: int, dh: int, dw: int,
                     out: np.ndarray | None = None) -> np.ndarray:
-        """The adjoint of im2col_rows: (N·oh·ow, C·kh·kw) rows summed back into an
-        (N, C, H, W) array (``out`` is overwritten when given)."""
+        """The adjoint of im2col_rows: rows summed back into an (N, C, H, W) array (``out``
+        is overwritten when given)."""
+        return self._col2im(col, shape, (kh, kw, sh, sw, ph, pw, dh, dw), out, rows=True)
+
+    def _im2col(self, x: np.ndarray, geometry: tuple[int, ...], out: np.ndarray | None,
+                rows: bool) -> np.ndarray:
+        kh, kw, sh, sw, ph, pw, dh, dw = geometry
+        n, c, h, w = x.shape
+        oh = conv_out_size(h, kh, sh, ph, dh)
+        ow = conv_out_size(w, kw, sw, pw, dw)
+        shape = (n * oh * ow, c * kh * kw) if rows else (n, c * kh * kw, oh * ow)
+        if out is None or out.shape != shape or out.dtype != x.dtype:
+            out = np.empty(shape, dtype=x.dtype)
+        if self.use_compiled(out.size):
+            kernel = kernels.im2col_rows if rows else kernels.im2col_images
+            return kernel(x, out, geometry, oh, ow)
+        win = self.sliding_windows(self.pad(x, ph, pw), kh, kw, sh, sw, oh, ow, dh, dw)
+        if rows:
+            np.copyto(out.reshape(n, oh, ow, c, kh, kw), win.transpose(0, 4, 5, 1, 2, 3))
+        else:
+            np.copyto(out.reshape(n, c, kh, kw, oh, ow), win)
+        return out
+
+    def _col2im(self, col: np.ndarray, shape: tuple[int, ...], geometry: tuple[int, ...],
+                out: np.ndarray | None, rows: bool) -> np.ndarray:
+        kh, kw, sh, sw, ph, pw, dh, dw = geometry
         n, c, h, w = shape
         oh = conv_out_size(h, kh, sh, ph, dh)
         ow = conv_out_size(w, kw, sw, pw, dw)
@@ -135,20 +120,23 @@ class NumpyBackend(Backend):
                 or not out.flags.c_contiguous:
             out = np.empty(tuple(shape), dtype=col.dtype)
         if self.use_compiled(col.size):
-            return kernels.col2im_rows(col, out, (kh, kw, sh, sw, ph, pw, dh, dw), oh, ow)
-        rows = col.reshape(n, oh, ow, c, kh, kw).transpose(0, 3, 4, 5, 1, 2)
-        padded = (n, c, h + 2 * ph, w + 2 * pw)
-        acc = np.zeros(padded, dtype=col.dtype) if ph or pw else out
-        if acc is out:
-            acc[...] = 0
-        for i in range(kh):
+            kernel = kernels.col2im_rows if rows else kernels.col2im_images
+            return kernel(col, out, geometry, oh, ow)
+        if rows:
+            windows = col.reshape(n, oh, ow, c, kh, kw).transpose(0, 3, 4, 5, 1, 2)
+        else:
+            windows = col.reshape(n, c, kh, kw, oh, ow)
+        padded = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=col.dtype) if ph or pw else out
+        if padded is out:
+            padded[...] = 0
+        for i in range(kh):  # each window offset's entries added into their pixels
             hi = i * dh
             for j in range(kw):
                 wj = j * dw
-                acc[:, :, hi:hi + sh * (oh - 1) + 1:sh,
-                    wj:wj + sw * (ow - 1) + 1:sw] += rows[:, :, i, j]
+                padded[:, :, hi:hi + sh * (oh - 1) + 1:sh,
+                       wj:wj + sw * (ow - 1) + 1:sw] += windows[:, :, i, j]
         if ph or pw:
-            out[...] = acc[:, :, ph:ph + h, pw:pw + w]
+            out[...] = padded[:, :, ph:ph + h, pw:pw + w]
         return out
 
     # Pooling kernels (only when ``compiled``); geometry = (kh, kw, sh, sw, ph, pw). Each
