@@ -165,6 +165,30 @@ def test_convolution_in_parts_equals_whole_batch(monkeypatch: pytest.MonkeyPatch
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_convolution_parts_follow_the_phase_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRAIN splits by COLUMN_BUDGET (columns are kept for backward), other phases by the
+    smaller TEST_COLUMN_BUDGET; the forward result does not depend on the split."""
+    from netforge.layers.base import PHASE_TEST, PHASE_TRAIN
+    from netforge.layers.vision import _ConvolutionBase
+    from tests.helpers import blob, make_layer, tops
+
+    monkeypatch.setattr(_ConvolutionBase, "COLUMN_BUDGET", 1 << 30)
+    monkeypatch.setattr(_ConvolutionBase, "TEST_COLUMN_BUDGET", 1)
+    outputs, counts = [], []
+    for phase in (PHASE_TRAIN, PHASE_TEST):
+        layer = make_layer("Convolution", "convolution_param { num_output: 3 kernel_size: 3 "
+                           "weight_filler { type: 'gaussian' } }", phase=phase)
+        layer.backend = NumpyBackend("float64", workers=1)
+        bottom, top = [blob((5, 2, 6, 6))], tops(1)
+        layer.setup(bottom, top)
+        layer.reshape(bottom, top)
+        counts.append(len(layer._parts(bottom[0].data)))
+        layer.forward(bottom, top)
+        outputs.append(top[0].data.copy())
+    assert counts == [1, 5]
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-12)
+
+
 def test_parallel_runs_parts_round_robin_and_reraises() -> None:
     """Part k runs on worker k mod W, each worker in order, results in part order; an error in
     any part is raised in the caller after every worker has stopped."""
