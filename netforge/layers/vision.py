@@ -369,14 +369,14 @@ class Convolution(_ConvolutionBase):
             x, y, parts = b.data, t.data, self._parts(b.data)
 
             per_image = self._per_image(y.shape[2] * y.shape[3])
+            make_cols = self._cols_images if per_image else self._cols
 
             def run(slot: int, k: int, x: Any = x, y: Any = y, parts: list[slice] = parts,
-                    i: int = i, per_image: bool = per_image) -> Any:
+                    i: int = i, per_image: bool = per_image, make_cols: Any = make_cols) -> Any:
+                col = make_cols(x[parts[k]], f"col{i}.{slot}")
                 if per_image:
-                    col = self._cols_images(x[parts[k]], f"col{i}.{slot}")
                     self._apply_images(col, y[parts[k]])
                 else:
-                    col = self._cols(x[parts[k]], f"col{i}.{slot}")
                     self._apply(col, wt, y[parts[k]], slot, bias=True)
                 return col
 
