@@ -53,12 +53,6 @@ class Blob:
     def reshape_like(self, other: Blob) -> None:
         self.reshape(other.shape)
 
-    def canonical_axis(self, axis: int) -> int:
-        n = self.num_axes
-        if not -n <= axis < max(n, 1):
-            raise IndexError(f"axis {axis} out of range for a {n}-axis blob {self.shape}")
-        return axis + n if axis < 0 else axis
-
     def count_range(self, start: int, end: int | None = None) -> int:
         out = 1
         for s in self.shape[start:end]:

@@ -169,3 +169,13 @@ def fail(message: str) -> LayerError:
 
 def shape_str(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def canonical_axis(blob: Blob, axis: int, what: str) -> int:
+    """Caffe's CanonicalAxisIndex: -n <= axis < n, negative counting from the end; a located
+    LayerError naming the parameter (``what``) otherwise."""
+    n = blob.num_axes
+    if not -n <= axis < n:
+        raise LayerError(f"{what} {axis} is out of range for a bottom of shape "
+                         f"{shape_str(blob.shape)} ({n} axes)")
+    return axis + n if axis < 0 else axis

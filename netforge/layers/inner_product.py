@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from netforge.blob import Blob
-from netforge.layers.base import Layer, LayerError, register, shape_str
+from netforge.layers.base import Layer, LayerError, canonical_axis, register, shape_str
 
 
 @register
@@ -27,21 +27,14 @@ class InnerProduct(Layer):
         if p.num_output < 1:
             raise LayerError("num_output must be positive")
         self.num_output, self.bias_term, self.transpose = p.num_output, p.bias_term, p.transpose
-        self.axis = self._axis(bottom[0], p.axis)
+        self.axis = canonical_axis(bottom[0], p.axis, "inner_product_param.axis")
         self.k = bottom[0].count_range(self.axis)
         w_shape = (self.k, self.num_output) if self.transpose else (self.num_output, self.k)
         self.blobs = self.weight_and_bias(p, w_shape, self.num_output, self.bias_term)
 
-    @staticmethod
-    def _axis(b: Blob, axis: int) -> int:
-        try:
-            return b.canonical_axis(axis)
-        except IndexError:
-            raise LayerError(f"axis {axis} is out of range for a bottom of shape "
-                             f"{shape_str(b.shape)}") from None
-
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        axis = self._axis(bottom[0], self.param.inner_product_param.axis)
+        axis = canonical_axis(bottom[0], self.param.inner_product_param.axis,
+                              "inner_product_param.axis")
         k = bottom[0].count_range(axis)
         if k != self.k:
             raise LayerError(f"bottom {shape_str(bottom[0].shape)} flattens to {k} inputs from "

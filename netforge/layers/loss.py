@@ -13,7 +13,7 @@ from typing import Any
 from netforge.blob import Blob
 from netforge.data import load_blob_proto
 from netforge.errors import ConfigError
-from netforge.layers.base import Layer, LayerError, register, shape_str
+from netforge.layers.base import Layer, LayerError, canonical_axis, register, shape_str
 from netforge.proto import pb
 
 FLT_MIN = 1.1754943508222875e-38  # Caffe clamps p_label at FLT_MIN, in float and double alike
@@ -113,10 +113,7 @@ class _SoftmaxClassLoss(LossLayer):
 
     def reshape_classes(self, bottom: Sequence[Blob], top: Sequence[Blob], axis: int,
                         what: str) -> None:
-        try:
-            self.axis = bottom[0].canonical_axis(axis)
-        except IndexError as e:
-            raise LayerError(f"{what}: {e}") from None
+        self.axis = canonical_axis(bottom[0], axis, what)
         self.outer, self.channels, self.inner = split_axis(bottom[0], self.axis)
         check_labels(bottom[1], self.outer, self.inner, bottom[0], self.axis)
         top[0].reshape(())
@@ -218,10 +215,8 @@ class Accuracy(Layer):
         self.ignore: int | None = int(ap.ignore_label) if ap.HasField("ignore_label") else None
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        try:
-            self.axis = bottom[0].canonical_axis(self.param.accuracy_param.axis)
-        except IndexError as e:
-            raise LayerError(f"accuracy_param.axis: {e}") from None
+        self.axis = canonical_axis(bottom[0], self.param.accuracy_param.axis,
+                                   "accuracy_param.axis")
         self.outer, self.channels, self.inner = split_axis(bottom[0], self.axis)
         if self.top_k > self.channels:
             raise LayerError(f"top_k ({self.top_k}) must be at most the number of classes "

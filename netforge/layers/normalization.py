@@ -17,20 +17,12 @@ from typing import Any
 
 from netforge.blob import Blob
 from netforge.fillers import fill
-from netforge.layers.base import PHASE_TEST, Layer, LayerError, register, shape_str
+from netforge.layers.base import PHASE_TEST, Layer, LayerError, canonical_axis, register, shape_str
 from netforge.proto import pb
 
 log = logging.getLogger("netforge")
 
 NR = pb.LRNParameter
-
-
-def _axis(b: Blob, axis: int, what: str) -> int:
-    try:
-        return b.canonical_axis(axis)
-    except IndexError:
-        raise LayerError(f"{what} {axis} is out of range for a bottom of shape "
-                         f"{shape_str(b.shape)}") from None
 
 
 def _same_or_copy(bottom: Blob, top: Blob) -> Any:
@@ -147,7 +139,7 @@ class BatchNorm(Layer):
 def _operand_dims(x: Blob, operand: Blob, axis_param: int, what: str) -> tuple[int, int, int]:
     """(outer, dim, inner) for broadcasting ``operand`` over ``x`` from ``axis_param``; a
     scalar operand (no axes) applies everywhere, whatever the axis."""
-    axis = 0 if operand.num_axes == 0 else _axis(x, axis_param, f"{what}.axis")
+    axis = 0 if operand.num_axes == 0 else canonical_axis(x, axis_param, f"{what}.axis")
     if axis + operand.num_axes > x.num_axes:
         raise LayerError(f"the {what.split('_')[0]} operand {shape_str(operand.shape)} extends "
                          f"past bottom {shape_str(x.shape)} when applied from axis {axis}")
@@ -161,7 +153,7 @@ def _operand_dims(x: Blob, operand: Blob, axis_param: int, what: str) -> tuple[i
 
 def _param_shape(x: Blob, axis_param: int, num_axes: int, what: str) -> tuple[int, ...]:
     """The learned operand's shape: bottom.shape[axis : axis + num_axes] (to the end for −1)."""
-    axis = _axis(x, axis_param, f"{what}.axis")
+    axis = canonical_axis(x, axis_param, f"{what}.axis")
     if num_axes < -1:
         raise LayerError(f"{what}.num_axes must be non-negative, or -1 to extend to the end "
                          f"of the bottom, got {num_axes}")

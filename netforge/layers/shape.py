@@ -7,19 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from netforge.blob import Blob
-from netforge.layers.base import Layer, LayerError, register, shape_str
+from netforge.layers.base import Layer, LayerError, canonical_axis, register, shape_str
 from netforge.proto import pb
 
 REDUCE = pb.ReductionParameter
-
-
-def canonical(blob: Blob, axis: int, what: str) -> int:
-    """Caffe's CanonicalAxisIndex: -n <= axis < n, negative counts from the end."""
-    n = blob.num_axes
-    if not -n <= axis < n:
-        raise LayerError(f"{what} {axis} is out of range for a bottom of shape "
-                         f"{shape_str(blob.shape)} ({n} axes)")
-    return axis + n if axis < 0 else axis
 
 
 def refuse_in_place(layer: Layer, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
@@ -150,7 +141,7 @@ class Slice(Layer):
                 raise LayerError(f"slice_dim {self.axis} is out of range for a bottom of shape "
                                  f"{shape_str(b.shape)}")
         else:
-            self.axis = canonical(b, sp.axis, "slice_param.axis")
+            self.axis = canonical_axis(b, sp.axis, "slice_param.axis")
         dim = b.shape[self.axis]
         n = len(top)
         if self.points:
@@ -251,7 +242,7 @@ class ArgMax(Layer):
         refuse_in_place(self, bottom, top)
         b = bottom[0]
         if self.has_axis:
-            self.axis = canonical(b, self.param.argmax_param.axis, "argmax_param.axis")
+            self.axis = canonical_axis(b, self.param.argmax_param.axis, "argmax_param.axis")
             if self.top_k > b.shape[self.axis]:
                 raise LayerError(f"argmax_param.top_k ({self.top_k}) exceeds the size of axis "
                                  f"{self.axis} ({b.shape[self.axis]}) of the bottom "
@@ -312,7 +303,7 @@ class Reduction(Layer):
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         refuse_in_place(self, bottom, top)
         b = bottom[0]
-        self.axis = canonical(b, self.param.reduction_param.axis, "reduction_param.axis")
+        self.axis = canonical_axis(b, self.param.reduction_param.axis, "reduction_param.axis")
         self.num = b.count_range(0, self.axis)
         self.dim = b.count_range(self.axis)
         top[0].reshape(b.shape[:self.axis])
@@ -369,7 +360,7 @@ class Tile(Layer):
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         refuse_in_place(self, bottom, top)
         b = bottom[0]
-        self.axis = canonical(b, self.param.tile_param.axis, "tile_param.axis")
+        self.axis = canonical_axis(b, self.param.tile_param.axis, "tile_param.axis")
         self.outer = b.count_range(0, self.axis)
         self.inner = b.count_range(self.axis)
         shape = list(b.shape)
@@ -401,7 +392,7 @@ class Crop(Layer):
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         cp = self.param.crop_param
-        start = canonical(bottom[0], cp.axis, "crop_param.axis")
+        start = canonical_axis(bottom[0], cp.axis, "crop_param.axis")
         n_crop = bottom[0].num_axes - start
         if len(cp.offset) > 1 and len(cp.offset) != n_crop:
             raise LayerError(f"crop_param.offset takes one value or one per cropped axis "
@@ -415,7 +406,7 @@ class Crop(Layer):
         refuse_in_place(self, bottom, top)
         cp = self.param.crop_param
         data, ref = bottom[0], bottom[1]
-        start = canonical(data, cp.axis, "crop_param.axis")
+        start = canonical_axis(data, cp.axis, "crop_param.axis")
         n = data.num_axes
         if len(cp.offset) > 1 and len(cp.offset) != n - start:
             raise LayerError(f"crop_param.offset takes one value or one per cropped axis "

@@ -6,18 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from netforge.blob import Blob
-from netforge.layers.base import Layer, LayerError, register, shape_str
+from netforge.layers.base import Layer, LayerError, canonical_axis, register, shape_str
 from netforge.layers.loss import softmax
 from netforge.proto import pb
 
 OP = pb.EltwiseParameter
-
-
-def axis_of(blob: Blob, axis: int, what: str) -> int:
-    try:
-        return blob.canonical_axis(axis)
-    except IndexError as e:
-        raise LayerError(f"{what}: {e}") from None
 
 
 @register
@@ -29,7 +22,7 @@ class Softmax(Layer):
     exact_tops = 1
 
     def reshape(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        self.axis = axis_of(bottom[0], self.param.softmax_param.axis, "softmax_param.axis")
+        self.axis = canonical_axis(bottom[0], self.param.softmax_param.axis, "softmax_param.axis")
         top[0].reshape_like(bottom[0])
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
@@ -54,8 +47,8 @@ class Flatten(Layer):
         if top[0] is bottom[0]:
             raise LayerError("Flatten does not allow in-place computation")
         fp = self.param.flatten_param
-        start = axis_of(bottom[0], fp.axis, "flatten_param.axis")
-        end = axis_of(bottom[0], fp.end_axis, "flatten_param.end_axis")
+        start = canonical_axis(bottom[0], fp.axis, "flatten_param.axis")
+        end = canonical_axis(bottom[0], fp.end_axis, "flatten_param.end_axis")
         if end < start:
             raise LayerError(f"flatten_param.end_axis ({fp.end_axis}) comes before axis "
                              f"({fp.axis}) for a bottom of shape {shape_str(bottom[0].shape)}")
@@ -119,7 +112,7 @@ class Concat(Layer):
                 raise LayerError(f"concat_dim {self.axis} out of range for a bottom of shape "
                                  f"{shape_str(bottom[0].shape)}")
         else:
-            self.axis = axis_of(bottom[0], cp.axis, "concat_param.axis")
+            self.axis = canonical_axis(bottom[0], cp.axis, "concat_param.axis")
         first = bottom[0].shape
         for b in bottom[1:]:
             if len(b.shape) != len(first) or any(
