@@ -101,8 +101,8 @@ class NumpyBackend(Backend):
         if out is None or out.shape != shape or out.dtype != x.dtype:
             out = np.empty(shape, dtype=x.dtype)
         if self.use_compiled(out.size):
-            kernel = kernels.im2col_rows if rows else kernels.im2col_images
-            return kernel(x, out, geometry, oh, ow)
+            kernels.columns(x, out, geometry, oh, ow, rows, adjoint=False)
+            return out
         win = self.sliding_windows(self.pad(x, ph, pw), kh, kw, sh, sw, oh, ow, dh, dw)
         if rows:
             np.copyto(out.reshape(n, oh, ow, c, kh, kw), win.transpose(0, 4, 5, 1, 2, 3))
@@ -120,8 +120,8 @@ class NumpyBackend(Backend):
                 or not out.flags.c_contiguous:
             out = np.empty(tuple(shape), dtype=col.dtype)
         if self.use_compiled(col.size):
-            kernel = kernels.col2im_rows if rows else kernels.col2im_images
-            return kernel(col, out, geometry, oh, ow)
+            kernels.columns(out, col, geometry, oh, ow, rows, adjoint=True)
+            return out
         if rows:
             windows = col.reshape(n, oh, ow, c, kh, kw).transpose(0, 3, 4, 5, 1, 2)
         else:
