@@ -216,13 +216,17 @@ class _ConvolutionBase(Layer):
         budget = self.COLUMN_BUDGET if self.phase == PHASE_TRAIN else self.TEST_COLUMN_BUDGET
         return self.backend.batch_parts(x.shape[0], self._cost(x), budget)
 
-    def _cols(self, x: Any, key: str) -> Any:
-        """im2col of a convolution-view input (N, conv_in, H, W): (N·oh·ow, conv_in·kh·kw)."""
+    def _cols(self, x: Any, key: str, per_image: bool = False) -> Any:
+        """im2col of a convolution-view input (N, conv_in, H, W) into the buffer ``key``: rows
+        (N·oh·ow, conv_in·kh·kw), or with ``per_image`` Caffe's (N, conv_in·kh·kw, oh·ow)."""
         g = self.geom
         n, c, h, w = x.shape
         oh, ow = g.conv_out(h, w)
-        out = self.buffer(key, (n * oh * ow, c * g.kernel[0] * g.kernel[1]))
-        return self.backend.im2col_rows(x, *g.kernel, *g.stride, *g.pad, *g.dilation, out=out)
+        k = c * g.kernel[0] * g.kernel[1]
+        args = (*g.kernel, *g.stride, *g.pad, *g.dilation)
+        if per_image:
+            return self.backend.im2col(x, *args, out=self.buffer(key, (n, k, oh * ow)))
+        return self.backend.im2col_rows(x, *args, out=self.buffer(key, (n * oh * ow, k)))
 
     def _to_rows(self, y: Any, key: str) -> Any:
         """An (N, C, h, w) array as rows (N·h·w, C)."""
@@ -295,14 +299,6 @@ class _ConvolutionBase(Layer):
         k = self.conv_in * self.geom.kernel[0] * self.geom.kernel[1]
         return self.group == 1 and pixels >= max(256, k)
 
-    def _cols_images(self, x: Any, key: str) -> Any:
-        """im2col of an (N, C, H, W) input in Caffe's layout: (N, C·kh·kw, oh·ow)."""
-        g = self.geom
-        n, c, h, w = x.shape
-        oh, ow = g.conv_out(h, w)
-        out = self.buffer(key, (n, c * g.kernel[0] * g.kernel[1], oh * ow))
-        return self.backend.im2col(x, *g.kernel, *g.stride, *g.pad, *g.dilation, out=out)
-
     def _apply_images(self, col: Any, out: Any) -> None:
         """out (N, conv_out, oh, ow) = W · colₙ per image (+ b)."""
         n = out.shape[0]
@@ -369,11 +365,10 @@ class Convolution(_ConvolutionBase):
             x, y, parts = b.data, t.data, self._parts(b.data)
 
             per_image = self._per_image(y.shape[2] * y.shape[3])
-            make_cols = self._cols_images if per_image else self._cols
 
             def run(slot: int, k: int, x: Any = x, y: Any = y, parts: list[slice] = parts,
-                    i: int = i, per_image: bool = per_image, make_cols: Any = make_cols) -> Any:
-                col = make_cols(x[parts[k]], f"col{i}.{slot}")
+                    i: int = i, per_image: bool = per_image) -> Any:
+                col = self._cols(x[parts[k]], f"col{i}.{slot}", per_image)
                 if per_image:
                     self._apply_images(col, y[parts[k]])
                 else:
@@ -392,13 +387,13 @@ class Convolution(_ConvolutionBase):
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
             parts, cols, down = self._parts(b.data), kept.get(i), propagate_down[i]
             per_image = self._per_image(t.shape[2] * t.shape[3])
-            make_cols = self._cols_images if per_image else self._cols
 
             def run(slot: int, k: int, t: Blob = t, b: Blob = b, parts: list[slice] = parts,
                     cols: list[Any] | None = cols, down: bool = down, i: int = i,
-                    per_image: bool = per_image, make_cols: Any = make_cols) -> tuple[Any, Any]:
+                    per_image: bool = per_image) -> tuple[Any, Any]:
                 part = parts[k]
-                col = cols[k] if cols is not None else make_cols(b.data[part], f"col{i}.{slot}")
+                col = cols[k] if cols is not None else self._cols(b.data[part], f"col{i}.{slot}",
+                                                                   per_image)
                 bias = self._bias_grad(t.diff[part], k)
                 # Once the weight gradient is made the columns are used up: their buffer
                 # takes the column gradient.
