@@ -360,11 +360,10 @@ class Convolution(_ConvolutionBase):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         self._kept: dict[int, list[Any]] = {}  # bottom index -> its columns, for backward
-        wt = self._weights_t()
+        per_image = self._per_image(top[0].shape[2] * top[0].shape[3])  # tops share a shape
+        wt = None if per_image else self._weights_t()
         for i, (b, t) in enumerate(zip(bottom, top, strict=True)):
             x, y, parts = b.data, t.data, self._parts(b.data)
-
-            per_image = self._per_image(y.shape[2] * y.shape[3])
 
             def run(slot: int, k: int, x: Any = x, y: Any = y, parts: list[slice] = parts,
                     i: int = i, per_image: bool = per_image) -> Any:
@@ -384,9 +383,9 @@ class Convolution(_ConvolutionBase):
         # Columns kept from forward (TRAIN, one part per worker) are reused; otherwise they are
         # recomputed per part, as Caffe's backward recomputes im2col.
         kept = getattr(self, "_kept", {})
+        per_image = self._per_image(top[0].shape[2] * top[0].shape[3])
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
             parts, cols, down = self._parts(b.data), kept.get(i), propagate_down[i]
-            per_image = self._per_image(t.shape[2] * t.shape[3])
 
             def run(slot: int, k: int, t: Blob = t, b: Blob = b, parts: list[slice] = parts,
                     cols: list[Any] | None = cols, down: bool = down, i: int = i,
