@@ -12,6 +12,13 @@ import numpy as np
 T = TypeVar("T")
 
 
+def even_slices(n: int, count: int) -> list[slice]:
+    """[0, n) cut into at most ``count`` (at least one) consecutive slices of equal size, the
+    last possibly shorter."""
+    size = max(1, -(-n // max(1, count)))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 class Backend(ABC):
     """An array module (``xp``) plus the few kernels that need a device-specific fast path.
 
@@ -47,9 +54,7 @@ class Backend(ABC):
         count = 1 if budget is None else -(-cost // budget)
         if self.workers > 1 and cost >= self.parallel_min:
             count = -(-max(count, self.workers) // self.workers) * self.workers
-        count = max(1, min(n, count))
-        size = -(-n // count)
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        return even_slices(n, count)
 
     def map_parts(self, n: int, cost: int, fn: Callable[[slice], None]) -> None:
         """fn(part) for the batch_parts of a batch of ``n`` items costing ``cost``, in
