@@ -5,12 +5,12 @@
 Both nets are Caffe's own definitions (tests/fixtures/caffe), with their Data layers replaced
 by Input blobs filled once, so only the network and the solver update are timed. Each round
 times `--steps` SGD steps (momentum 0.9, weight decay 5e-4) of netforge, then of PyTorch (A B A B
-…, so machine noise hits both alike, with a pause before each block so that neither runs while
-the other's thread pool still spins, then a few untimed steps to reach the steady state);
-medians of the per-step times are compared. Inference is
-timed the same way (LeNet TEST-phase forward, batch 100). The GEMM floor is the net's
-multiply-add work divided by the best sgemm rate measured here. PyTorch is optional: without it only
-netforge's numbers and the floor are printed.
+…, so machine noise hits both alike), each block after a pause (so that neither runs while the
+other's thread pool still spins) and a few untimed steps (to time the steady state); medians of
+the per-step times are compared. Inference is timed the same way (LeNet TEST-phase forward,
+batch 100). The GEMM floor is the net's multiply-add work divided by the best sgemm rate
+measured here. PyTorch is optional: without it only netforge's numbers and the floor are
+printed.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from netforge.config import load_net_param  # noqa: E402
 from netforge.proto import pb  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "caffe"
+LABEL = 34  # width of the benchmark-name column
 NETS = {  # name: (file, batch, input shape)
     "lenet": ("lenet_train_test.prototxt", 64, (1, 28, 28)),
     "cifar10_quick": ("cifar10_quick_train_test.prototxt", 100, (3, 32, 32)),
@@ -223,7 +224,7 @@ def main() -> int:
     rate = gemm_rate()
     print(f"sgemm: {rate:.1f} GFLOP/s")
     print()
-    header = (f"{'benchmark':<34}{'netforge':>12}{'pytorch':>12}{'ratio':>8}"
+    header = (f"{'benchmark':<{LABEL}}{'netforge':>12}{'pytorch':>12}{'ratio':>8}"
               f"{'GEMM floor':>12}{'vs floor':>10}")
     print(header)
     print("-" * len(header))
@@ -241,7 +242,7 @@ def main() -> int:
     ta, tb = interleaved(net.forward, torch_infer("lenet", batch) if have_torch else None,
                          args.rounds, args.steps)
     row(f"lenet inference (b{batch})", ta, tb, flops / rate / 1e6)
-    print(f"{'':<34}{batch / statistics.median(ta):>10.0f}/s"
+    print(f"{'':<{LABEL}}{batch / statistics.median(ta):>10.0f}/s"
           + (f"{batch / statistics.median(tb):>10.0f}/s" if tb else "") + "  images/s")
     return 0
 
@@ -250,7 +251,8 @@ def row(label: str, ta: list[float], tb: list[float], floor_ms: float) -> None:
     a = median_ms(ta)
     b = median_ms(tb) if tb else float("nan")
     ratio = f"{a / b:>8.2f}" if tb else f"{'-':>8}"
-    print(f"{label:<34}{a:>10.2f}ms{b:>10.2f}ms{ratio}{floor_ms:>10.2f}ms{a / floor_ms:>10.2f}")
+    print(f"{label:<{LABEL}}{a:>10.2f}ms{b:>10.2f}ms{ratio}{floor_ms:>10.2f}ms"
+          f"{a / floor_ms:>10.2f}")
 
 
 if __name__ == "__main__":
