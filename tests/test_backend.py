@@ -223,6 +223,56 @@ def test_parallel_runs_parts_round_robin_and_reraises() -> None:
     assert nested == [[(0, 0), (0, 1)], [(1, 0), (1, 1)]]
 
 
+def test_parallel_when_the_helpers_sleep_and_from_two_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's helpers spin briefly and then sleep: jobs handed to sleeping helpers (no
+    spinning at all) still run every part, and two threads running nets at once both get every
+    part done (the second runs its parts itself while the helpers are busy)."""
+    import threading
+    import time
+
+    from netforge.backend import threads as pool_threads
+
+    backend = NumpyBackend("float64", workers=2)
+    if backend.workers != 2:
+        pytest.skip("no per-thread BLAS control here: batch parallelism is off")
+    monkeypatch.setattr(pool_threads, "SPIN_TURNS", 1)
+    for count in (2, 3, 5):
+        time.sleep(0.005)  # the helper is asleep by now
+        assert backend.parallel(lambda s, k: (s, k), count) == [(k % 2, k) for k in range(count)]
+    monkeypatch.undo()
+
+    results: dict[int, list[list[int]]] = {}
+
+    def net(name: int) -> None:
+        def part(slot: int, k: int) -> int:
+            time.sleep(0.001)
+            return name * 100 + k
+
+        results[name] = [backend.parallel(part, 4) for _ in range(20)]
+
+    runners = [threading.Thread(target=net, args=(i,)) for i in range(2)]
+    for t in runners:
+        t.start()
+    for t in runners:
+        t.join(timeout=60)
+    assert results == {i: [[i * 100 + k for k in range(4)]] * 20 for i in range(2)}
+
+
+@kernels_available
+def test_report_and_wait() -> None:
+    """The pool's GIL-free wait: stores the report, returns True as soon as the watched
+    counter differs, False after the given number of reads if it never does."""
+    from netforge.backend import kernels
+
+    flags = np.zeros(16, dtype=np.int64)
+    assert kernels.report_and_wait(flags, 8, 7, 0, 0, 1000) is False
+    assert flags[8] == 7
+    flags[0] = 3
+    assert kernels.report_and_wait(flags, -1, 9, 0, 0, 1 << 40) is True  # returns at once
+    assert list(flags[[0, 8]]) == [3, 7]
+
+
 def test_batch_parts() -> None:
     """One part per worker once the work is worth splitting; more (a multiple of the workers)
     past the budget; never more parts than items."""

@@ -26,12 +26,12 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
+from netforge.backend import kernels
 from netforge.errors import ConfigError
 
 T = TypeVar("T")
@@ -76,35 +76,101 @@ _pools: weakref.WeakSet[BatchPool] = weakref.WeakSet()
 def _after_fork_in_child() -> None:
     """A forked child has none of its parent's threads: let each pool start its own."""
     for pool in list(_pools):
-        pool._executor = None
-        pool._lock = threading.Lock()
+        pool._reset()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# How long a thread busy-waits (without the GIL) for the next job or for the other workers,
+# in reads of about 1 ns, before it sleeps: ~2 ms covers the Python work between two layers of a
+# training step, and an idle process stops using the cores soon after.
+SPIN_TURNS = 1 << 21
+# A caller whose helpers are still busy after that checks on them this often (s).
+POLL_S = 2e-4
+
+
+class _Job:
+    __slots__ = ("count", "errors", "fn", "number", "results", "width")
+
+    def __init__(self, number: int, fn: Callable[[int, int], Any], count: int, width: int):
+        self.number, self.fn, self.count, self.width = number, fn, count, width
+        self.results: list[Any] = [None] * count
+        self.errors: list[BaseException] = []
+
+
 class BatchPool:
     """Runs ``fn(worker, k)`` for parts k = 0..count-1 on ``workers`` threads (worker 0 is the
-    caller), each with single-threaded BLAS."""
+    caller), each with single-threaded BLAS.
+
+    The caller publishes a job and bumps ``_flags[0]`` (the job number); each helper thread
+    runs its parts of it and stores the job number in its own ``_flags[8·w]`` (a cache line
+    apart). With numba both sides busy-wait on those counters for ~2 ms with the GIL released
+    (kernels.report_and_wait) before they sleep, so a layer's parts start and finish within
+    microseconds of each other, where an OS wake-up costs 20-100 µs per layer on a VM. A
+    helper stores its counter from inside that wait, after it has let go of the GIL, so the
+    caller never waits for the GIL when it sees the job done.
+    """
 
     def __init__(self, workers: int | None = None):
         self._set_blas = _blas_thread_setter()
         wanted = _default_workers() if workers is None else max(1, workers)
         self.workers = wanted if self._set_blas is not None else 1
-        self._executor: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
+        self._reset()
         _pools.add(self)
 
-    def _pool(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None:
-                setter = self._set_blas
-                assert setter is not None
-                self._executor = ThreadPoolExecutor(
-                    self.workers - 1, thread_name_prefix="netforge-batch",
-                    initializer=lambda: setter(1) and None)
-            return self._executor
+    def _reset(self) -> None:
+        self._threads: list[threading.Thread] = []
+        self._start_lock = threading.Lock()
+        self._busy = threading.Lock()  # held by the thread whose job the helpers run
+        self._wake = threading.Condition()
+        self._sleepers = 0  # helpers asleep on _wake, waiting for a job
+        self._flags = np.zeros(8 * max(self.workers, 1), dtype=np.int64)
+        self._job: _Job | None = None
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if not self._threads:
+                for slot in range(1, self.workers):
+                    t = threading.Thread(target=self._serve, args=(slot,), daemon=True,
+                                         name=f"netforge-batch-{slot}")
+                    t.start()
+                    self._threads.append(t)
+
+    def _spin(self, report: int, done: int, index: int, value: int) -> bool:
+        """Store ``done`` in flags[report] (report ≥ 0), then busy-wait while flags[index] is
+        ``value``; True once it changed. Without numba: store, wake sleepers, look once."""
+        if kernels.AVAILABLE:
+            return kernels.report_and_wait(self._flags, report, done, index, value, SPIN_TURNS)
+        if report >= 0:
+            self._flags[report] = done
+            with self._wake:
+                self._wake.notify_all()
+        return bool(self._flags[index] != value)
+
+    def _serve(self, slot: int) -> None:
+        """A helper thread: run this worker's parts of each job, report it done, wait."""
+        assert self._set_blas is not None
+        self._set_blas(1)
+        _inside.slot = slot
+        flags, seen = self._flags, 0
+        while True:
+            if not self._spin(8 * slot, seen, 0, seen):
+                with self._wake:
+                    self._sleepers += 1
+                    while flags[0] == seen:
+                        self._wake.wait()
+                    self._sleepers -= 1
+            job = self._job
+            assert job is not None
+            seen = job.number
+            for k in range(slot, job.count, job.width):
+                try:
+                    job.results[k] = job.fn(slot, k)
+                except BaseException as e:
+                    job.errors.append(e)
+                    break
 
     def _blas_threads(self, n: int) -> int:
         """Set the calling thread's BLAS thread count; returns the previous one."""
@@ -144,33 +210,43 @@ class BatchPool:
                 return [fn(0, k) for k in range(count)]
             finally:
                 self._blas_threads(previous)
-        results: list[T | None] = [None] * count
-
-        def worker(slot: int) -> None:
-            _inside.slot = slot
-            try:
-                for k in range(slot, count, w):
-                    results[k] = fn(slot, k)
-            finally:
-                _inside.slot = None
-
-        futures: list[Future[None]] = [self._pool().submit(worker, s) for s in range(1, w)]
-        previous = self._blas_threads(1)
-        error: BaseException | None = None
+        if not self._busy.acquire(blocking=False):
+            # Another thread's job holds the helpers (two nets run from two threads): this one
+            # runs its parts by itself rather than queue behind it.
+            return [fn(0, k) for k in range(count)]
         try:
-            worker(0)
-        except BaseException as e:
-            error = e
+            return self._run_job(fn, count, w)
         finally:
+            self._busy.release()
+
+    def _run_job(self, fn: Callable[[int, int], T], count: int, w: int) -> list[T]:
+        if not self._threads:
+            self._start()
+        previous_job = self._job.number if self._job is not None else 0
+        job = self._job = _Job(previous_job + 1, fn, count, w)
+        self._flags[0] = job.number
+        if self._sleepers:
+            with self._wake:
+                self._wake.notify_all()
+        previous = self._blas_threads(1)
+        _inside.slot = 0
+        try:
+            for k in range(0, count, w):
+                job.results[k] = fn(0, k)
+        except BaseException as e:
+            job.errors.insert(0, e)
+        finally:
+            _inside.slot = None
             self._blas_threads(previous)
-            for f in futures:
-                try:
-                    f.result()
-                except BaseException as e:
-                    error = error or e
-        if error is not None:
-            raise error
-        return results  # type: ignore[return-value]
+            for helper in range(1, self.workers):  # every helper reports every job
+                index = 8 * helper
+                if not self._spin(-1, 0, index, previous_job):
+                    with self._wake:
+                        while self._flags[index] == previous_job:
+                            self._wake.wait(POLL_S if kernels.AVAILABLE else None)
+        if job.errors:
+            raise job.errors[0]
+        return job.results
 
 
 _shared: dict[int | None, BatchPool] = {}
