@@ -23,8 +23,10 @@ NORM = pb.LossParameter
 
 def softmax(xp: Any, x: Any, axis: int) -> Any:
     """Softmax along ``axis``, with the max subtracted first."""
-    e = xp.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    e = x - x.max(axis=axis, keepdims=True)
+    xp.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
 
 
 def split_axis(blob: Blob, axis: int) -> tuple[int, int, int]:
@@ -43,15 +45,31 @@ def check_labels(labels: Blob, outer: int, inner: int, data: Blob, axis: int) ->
 
 def class_labels(xp: Any, labels: Blob, outer: int, channels: int, inner: int,
                  ignore: int | None) -> tuple[Any, Any]:
-    """Integer labels as (outer, inner) and the mask of the ones that count; out-of-range
-    labels (other than ``ignore``) are a LayerError."""
+    """Integer labels as (outer, inner) and the mask of the ones that count (None when every
+    label counts: no ignore_label); out-of-range labels (other than ``ignore``) are a
+    LayerError."""
     lab = labels.data.reshape(outer, inner).astype(xp.int64)
-    valid = lab != ignore if ignore is not None else xp.ones(lab.shape, dtype=bool)
+    if ignore is None:  # two reductions instead of the masks (the common case, in every step)
+        if int(lab.min()) >= 0 and int(lab.max()) < channels:
+            return lab, None
+        valid = xp.ones(lab.shape, dtype=bool)
+    else:
+        valid = lab != ignore
     bad = valid & ((lab < 0) | (lab >= channels))
     if bool(bad.any()):
         value = int(lab[bad][0])
         raise LayerError(f"label value {value} is outside the {channels} classes [0, {channels})")
     return xp.where(valid, lab, 0), valid
+
+
+def masked(values: Any, valid: Any) -> Any:
+    """``values`` (outer, inner) with the entries that do not count zeroed (valid None: all
+    count)."""
+    return values if valid is None else values * valid
+
+
+def valid_count(valid: Any, outer: int, inner: int) -> Any:
+    return outer * inner if valid is None else valid.sum()
 
 
 def normalization_mode(lp: pb.LossParameter, default: int) -> int:
@@ -130,6 +148,10 @@ class _SoftmaxClassLoss(LossLayer):
         if len(top) > 1:
             top[1].data[...] = self.prob.reshape(bottom[0].shape)
 
+    def count(self) -> Any:
+        """How many labels count (for the VALID normalizer)."""
+        return valid_count(self.valid, self.outer, self.inner)
+
 
 @register
 class SoftmaxWithLoss(_SoftmaxClassLoss):
@@ -149,8 +171,8 @@ class SoftmaxWithLoss(_SoftmaxClassLoss):
         xp = self.xp
         self.softmax_and_labels(bottom, top)
         p = xp.take_along_axis(self.prob, self.label[:, None, :], axis=1)[:, 0, :]
-        loss = -(xp.log(xp.maximum(p, FLT_MIN)) * self.valid).sum()
-        top[0].data[...] = loss / self.normalizer(self.valid.sum())
+        loss = -masked(xp.log(xp.maximum(p, FLT_MIN)), self.valid).sum()
+        top[0].data[...] = loss / self.normalizer(self.count())
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
@@ -159,10 +181,13 @@ class SoftmaxWithLoss(_SoftmaxClassLoss):
         if not propagate_down[0]:
             return
         xp = self.xp
-        onehot = xp.arange(self.channels)[None, :, None] == self.label[:, None, :]
-        diff = (self.prob - onehot) * self.valid[:, None, :]
-        scale = scalar_diff(top[0]) / self.normalizer(self.valid.sum())
-        bottom[0].diff[...] = (diff * scale).reshape(bottom[0].shape)
+        scale = scalar_diff(top[0]) / self.normalizer(self.count())
+        diff = bottom[0].diff.reshape(self.prob.shape)
+        xp.multiply(self.prob, scale, out=diff)
+        picked = xp.take_along_axis(diff, self.label[:, None, :], axis=1)
+        xp.put_along_axis(diff, self.label[:, None, :], picked - scale, axis=1)
+        if self.valid is not None:
+            diff *= self.valid[:, None, :]
 
 
 @register
@@ -233,10 +258,12 @@ class Accuracy(Layer):
                                     self.ignore)
         true = xp.take_along_axis(scores, label[:, None, :], axis=1)
         better = (scores >= true).sum(axis=1) - 1  # other classes scoring >= the true one
-        correct = (better < self.top_k) & valid
-        count = valid.sum()
+        correct = masked(better < self.top_k, valid)
+        count = valid_count(valid, self.outer, self.inner)
         top[0].data[...] = correct.sum() / xp.maximum(count, 1)
         if len(top) > 1:
+            if valid is None:
+                valid = xp.ones(label.shape, dtype=bool)
             seen = xp.bincount(label[valid], minlength=self.channels)
             hits = xp.bincount(label[correct], minlength=self.channels)
             top[1].data[...] = hits / xp.maximum(seen, 1)
@@ -424,8 +451,10 @@ class InfogainLoss(_SoftmaxClassLoss):
         self.softmax_and_labels(bottom, top)
         h_rows = self.matrix(bottom)[self.label].transpose(0, 2, 1)  # (outer, K, inner)
         log_p = xp.log(xp.maximum(self.prob, LOG_THRESHOLD))
-        loss = -(h_rows * log_p * self.valid[:, None, :]).sum()
-        top[0].data[...] = loss / self.normalizer(self.valid.sum())
+        if self.valid is not None:
+            h_rows = h_rows * self.valid[:, None, :]
+        loss = -(h_rows * log_p).sum()
+        top[0].data[...] = loss / self.normalizer(self.count())
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
@@ -438,8 +467,10 @@ class InfogainLoss(_SoftmaxClassLoss):
         h = self.matrix(bottom)
         row_sums = h.sum(axis=1)[self.label]  # (outer, inner)
         h_rows = h[self.label].transpose(0, 2, 1)
-        diff = (self.prob * row_sums[:, None, :] - h_rows) * self.valid[:, None, :]
-        scale = scalar_diff(top[0]) / self.normalizer(self.valid.sum())
+        diff = self.prob * row_sums[:, None, :] - h_rows
+        if self.valid is not None:
+            diff *= self.valid[:, None, :]
+        scale = scalar_diff(top[0]) / self.normalizer(self.count())
         bottom[0].diff[...] = (diff * scale).reshape(bottom[0].shape)
 
 
