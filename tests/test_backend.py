@@ -259,6 +259,41 @@ def test_parallel_when_the_helpers_sleep_and_from_two_threads(
     assert results == {i: [[i * 100 + k for k in range(4)]] * 20 for i in range(2)}
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_batch_pool_reports_a_helper_that_died() -> None:
+    """A helper thread that dies (here: an error in its wait) is an error in the caller, not a
+    caller waiting forever for its parts."""
+    import threading
+
+    from netforge.backend.threads import BatchPool
+
+    pool = BatchPool(2)
+    if pool.workers != 2:
+        pytest.skip("no per-thread BLAS control here: batch parallelism is off")
+    assert pool.run(lambda s, k: k, 2) == [0, 1]
+    real = pool._spin
+
+    def spin(*args: int) -> bool:
+        if threading.current_thread().name.startswith("netforge-batch"):
+            raise RuntimeError("simulated crash")
+        return real(*args)
+
+    pool._spin = spin  # type: ignore[method-assign]
+    outcome: list[str] = []
+
+    def call() -> None:
+        try:
+            pool.run(lambda s, k: k, 2)
+        except RuntimeError as e:
+            outcome.append(str(e))
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(timeout=30)
+    assert not caller.is_alive(), "the caller hung, waiting for a helper that died"
+    assert outcome and "batch worker 1 has stopped" in outcome[0]
+
+
 @kernels_available
 def test_report_and_wait() -> None:
     """The pool's GIL-free wait: stores the report, returns True as soon as the watched

@@ -87,7 +87,9 @@ if hasattr(os, "register_at_fork"):
 # in reads of about 1 ns, before it sleeps: ~2 ms covers the Python work between two layers of a
 # training step, and an idle process stops using the cores soon after.
 SPIN_TURNS = 1 << 21
-# A caller whose helpers are still busy after that checks on them this often (s).
+# A caller whose helpers are still busy after that checks on them this often (s): a helper
+# that is busy-waiting for the next job cannot wake it. (Without numba helpers wake it, and
+# it looks only to find a helper thread that has died.)
 POLL_S = 2e-4
 
 
@@ -243,7 +245,10 @@ class BatchPool:
                 if not self._spin(-1, 0, index, previous_job):
                     with self._wake:
                         while self._flags[index] == previous_job:
-                            self._wake.wait(POLL_S if kernels.AVAILABLE else None)
+                            if not self._threads[helper - 1].is_alive():
+                                raise RuntimeError(f"netforge's batch worker {helper} has "
+                                                   "stopped; its parts never ran")
+                            self._wake.wait(POLL_S if kernels.AVAILABLE else 0.05)
         if job.errors:
             raise job.errors[0]
         return job.results
