@@ -271,14 +271,19 @@ def test_batch_pool_reports_a_helper_that_died() -> None:
     if pool.workers != 2:
         pytest.skip("no per-thread BLAS control here: batch parallelism is off")
     assert pool.run(lambda s, k: k, 2) == [0, 1]
-    real = pool._spin
+    spin, signal_done = pool._spin, pool._signal_done
 
-    def spin(*args: int) -> bool:
-        if threading.current_thread().name.startswith("netforge-batch"):
-            raise RuntimeError("simulated crash")
-        return real(*args)
+    def crash_in_helpers(real: Any) -> Any:
+        def patched(*args: int) -> Any:
+            if threading.current_thread().name.startswith("netforge-batch"):
+                raise RuntimeError("simulated crash")
+            return real(*args)
 
-    pool._spin = spin  # type: ignore[method-assign]
+        return patched
+
+    # The two ways a helper reports a job done: it dies before either.
+    pool._spin = crash_in_helpers(spin)  # type: ignore[method-assign]
+    pool._signal_done = crash_in_helpers(signal_done)  # type: ignore[method-assign]
     outcome: list[str] = []
 
     def call() -> None:

@@ -87,10 +87,10 @@ if hasattr(os, "register_at_fork"):
 # in reads of about 1 ns, before it sleeps: ~2 ms covers the Python work between two layers of a
 # training step, and an idle process stops using the cores soon after.
 SPIN_TURNS = 1 << 21
-# A caller whose helpers are still busy after that checks on them this often (s): a helper
-# that is busy-waiting for the next job cannot wake it. (Without numba helpers wake it, and
-# it looks only to find a helper thread that has died.)
-POLL_S = 2e-4
+# A caller that has gone to sleep waiting for its helpers is woken by them; it also looks this
+# often (s), for the rare report a helper made just before it saw the caller asleep, and for a
+# helper thread that has died.
+POLL_S = 1e-3
 
 
 class _Job:
@@ -128,6 +128,7 @@ class BatchPool:
         self._busy = threading.Lock()  # held by the thread whose job the helpers run
         self._wake = threading.Condition()
         self._sleepers = 0  # helpers asleep on _wake, waiting for a job
+        self._caller_asleep = False  # the caller asleep on _wake, waiting for its helpers
         self._flags = np.zeros(8 * max(self.workers, 1), dtype=np.int64)
         self._job: _Job | None = None
 
@@ -146,10 +147,13 @@ class BatchPool:
         if kernels.AVAILABLE:
             return kernels.report_and_wait(self._flags, report, done, index, value, SPIN_TURNS)
         if report >= 0:
-            self._flags[report] = done
-            with self._wake:
-                self._wake.notify_all()
+            self._signal_done(report, done)
         return bool(self._flags[index] != value)
+
+    def _signal_done(self, report: int, done: int) -> None:
+        self._flags[report] = done
+        with self._wake:
+            self._wake.notify_all()
 
     def _serve(self, slot: int) -> None:
         """A helper thread: run this worker's parts of each job, report it done, wait."""
@@ -158,7 +162,11 @@ class BatchPool:
         _inside.slot = slot
         flags, seen = self._flags, 0
         while True:
-            if not self._spin(8 * slot, seen, 0, seen):
+            report = 8 * slot
+            if self._caller_asleep:  # report here and wake it (a busy-wait cannot)
+                self._signal_done(report, seen)
+                report = -1
+            if not self._spin(report, seen, 0, seen):
                 with self._wake:
                     self._sleepers += 1
                     while flags[0] == seen:
@@ -244,11 +252,15 @@ class BatchPool:
                 index = 8 * helper
                 if not self._spin(-1, 0, index, previous_job):
                     with self._wake:
-                        while self._flags[index] == previous_job:
-                            if not self._threads[helper - 1].is_alive():
-                                raise RuntimeError(f"netforge's batch worker {helper} has "
-                                                   "stopped; its parts never ran")
-                            self._wake.wait(POLL_S if kernels.AVAILABLE else 0.05)
+                        self._caller_asleep = True
+                        try:
+                            while self._flags[index] == previous_job:
+                                if not self._threads[helper - 1].is_alive():
+                                    raise RuntimeError(f"netforge's batch worker {helper} has "
+                                                       "stopped; its parts never ran")
+                                self._wake.wait(POLL_S)
+                        finally:
+                            self._caller_asleep = False
         if job.errors:
             raise job.errors[0]
         return job.results
