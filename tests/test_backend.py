@@ -76,6 +76,33 @@ BIG = [  # large enough for the compiled path
 
 
 @kernels_available
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_compiled_layout_changes_match_numpy(dtype: str, with_bias: bool) -> None:
+    """rows (N·P, C) <-> images (N, C, P), as around a row-layout convolution GEMM: the
+    compiled loops give NumPy's bits, and the bias is added only when given."""
+    fast, slow = NumpyBackend(dtype), NumpyBackend(dtype, compiled=False)
+    n, c, p = 7, 13, 611
+    rng = np.random.default_rng(5)
+    rows = rng.normal(size=(n * p, c)).astype(dtype)
+    bias = rng.normal(size=c).astype(dtype) if with_bias else None
+    assert fast.use_compiled(rows.size)
+    got, want = np.full((n, c, p), 9.0, dtype), np.full((n, c, p), 8.0, dtype)
+    fast.rows_to_images(rows, bias, got)
+    slow.rows_to_images(rows, bias, want)
+    np.testing.assert_array_equal(got, want)
+    if bias is None:
+        np.testing.assert_array_equal(got[2, :, 5], rows[2 * p + 5])
+    back = np.full(rows.shape, 3.0, dtype)
+    fast.images_to_rows(rows.reshape(n, p, c).transpose(0, 2, 1).copy(), back)
+    np.testing.assert_array_equal(back, rows)
+    slow_back = np.empty_like(back)
+    slow.images_to_rows(got, slow_back)
+    fast.images_to_rows(got, back)
+    np.testing.assert_array_equal(back, slow_back)
+
+
+@kernels_available
 @pytest.mark.parametrize("case", BIG)
 def test_compiled_im2col_col2im_match_numpy(case: tuple[int, ...]) -> None:
     n, c, h, w, *k = case

@@ -101,6 +101,22 @@ class Backend(ABC):
         out[:, :, ph:ph + h, pw:pw + w] = x
         return out
 
+    # -- the two layout changes around a row-layout GEMM (Convolution) ----------------------
+    def rows_to_images(self, rows: Any, bias: Any, out: Any) -> None:
+        """out (N, C, P) = rows (N·P, C), each image's block transposed, plus ``bias`` (C,)
+        per channel unless it is None."""
+        n, c, p = out.shape
+        images = rows.reshape(n, p, c).transpose(0, 2, 1)
+        if bias is None:
+            out[...] = images
+        else:
+            self.xp.add(images, bias.reshape(1, -1, 1), out=out)
+
+    def images_to_rows(self, images: Any, out: Any) -> None:
+        """out (N·P, C) = images (N, C, P), each image transposed: rows_to_images undone."""
+        n, c, p = images.shape
+        out.reshape(n, p, c)[...] = images.transpose(0, 2, 1)
+
     def sgd_update(self, data: Any, diff: Any, history: Any, decay: float, lr: float,
                    momentum: float, tmp: Any) -> None:
         """Caffe's SGD step with L2 weight decay, in place, for one parameter blob:

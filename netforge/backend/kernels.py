@@ -350,7 +350,57 @@ def _make_ave_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
     return kernel
 
 
+# -- the layout changes around a row-layout GEMM ---------------------------------------------------
+#
+# A convolution's GEMM on row-layout columns gives (N·P, C) rows; the blob is (N, C, P). NumPy's
+# transposed copy (with the bias added) walks the rows with a stride of C elements: LeNet's conv2
+# (50 images) 106 µs; this loop writes each output channel's pixels in order, 55 µs. In-process
+# A/B: LeNet's train step 0.3 ms faster (of ~10.5), its inference 0.17 ms (of ~5.7), a
+# cifar10_quick step 3 ms (of ~78).
+
+def _make_rows_to_images(with_bias: bool) -> Any:
+    @njit(nogil=True, cache=True)
+    def kernel(rows: Any, bias: Any, out: Any) -> None:
+        n_img, c, p = out.shape
+        for n in range(n_img):
+            base = n * p
+            for o in range(c):
+                b = bias[o] if with_bias else rows.dtype.type(0)
+                dst = out[n, o]
+                for q in range(p):
+                    if with_bias:
+                        dst[uintp(q)] = rows[uintp(base + q), uintp(o)] + b
+                    else:
+                        dst[uintp(q)] = rows[uintp(base + q), uintp(o)]
+
+    return kernel
+
+
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _images_to_rows(images: Any, out: Any) -> None:
+        n_img, c, p = images.shape
+        for n in range(n_img):
+            base = n * p
+            for q in range(p):
+                row = out[uintp(base + q)]
+                for o in range(c):
+                    row[uintp(o)] = images[uintp(n), uintp(o), uintp(q)]
+
+
+def rows_to_images(rows: np.ndarray, bias: np.ndarray | None, out: np.ndarray) -> None:
+    """out (N, C, P) = rows (N·P, C) per image transposed (+ bias per channel); contiguous."""
+    kernel = _kernel("rows_to_images", (bias is not None,))
+    kernel(rows, rows[0] if bias is None else bias, out)
+
+
+def images_to_rows(images: np.ndarray, out: np.ndarray) -> None:
+    """out (N·P, C) = images (N, C, P) per image transposed; contiguous arrays."""
+    _images_to_rows(images, out)
+
+
 _FACTORIES: dict[str, Any] = {
+    "rows_to_images": _make_rows_to_images,
     "im2col_rows": lambda *g: _make_rows(*g, adjoint=False),
     "col2im_rows": lambda *g: _make_rows(*g, adjoint=True),
     "im2col_images": lambda *g: _make_images(*g, adjoint=False),

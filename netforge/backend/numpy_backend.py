@@ -19,6 +19,12 @@ def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - (d * (k - 1) + 1)) // s + 1
 
 
+def _contiguous(*arrays: np.ndarray | None) -> bool:
+    """Every array given (None skipped) C-contiguous, all of one dtype."""
+    given = [a for a in arrays if a is not None]
+    return all(a.flags.c_contiguous and a.dtype == given[0].dtype for a in given)
+
+
 class NumpyBackend(Backend):
     """NumPy arrays; with numba installed (netforge[fast]) the column and pooling loops run
     as compiled kernels (``compiled=False`` forces the pure-NumPy paths). Layers split their
@@ -167,6 +173,19 @@ class NumpyBackend(Backend):
     def ave_pool_backward(self, dy: np.ndarray, dx: np.ndarray, size: np.ndarray,
                           geometry: tuple[int, ...]) -> None:
         self._per_part(kernels.ave_pool_backward, (dy, dx), size, geometry)
+
+    def rows_to_images(self, rows: np.ndarray, bias: np.ndarray | None,
+                       out: np.ndarray) -> None:
+        if self.use_compiled(out.size) and _contiguous(rows, out, bias):
+            kernels.rows_to_images(rows, bias, out)
+        else:
+            super().rows_to_images(rows, bias, out)
+
+    def images_to_rows(self, images: np.ndarray, out: np.ndarray) -> None:
+        if self.use_compiled(out.size) and _contiguous(images, out):
+            kernels.images_to_rows(images, out)
+        else:
+            super().images_to_rows(images, out)
 
     def sgd_update(self, data: np.ndarray, diff: np.ndarray, history: np.ndarray,
                    decay: float, lr: float, momentum: float, tmp: np.ndarray) -> None:

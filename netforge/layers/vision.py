@@ -232,7 +232,7 @@ class _ConvolutionBase(Layer):
         """An (N, C, h, w) array as rows (N·h·w, C)."""
         n, c = y.shape[:2]
         out = self.buffer(key, (y.size // c, c))
-        out.reshape(n, -1, c)[...] = y.reshape(n, c, -1).transpose(0, 2, 1)
+        self.backend.images_to_rows(y.reshape(n, c, -1), out)
         return out
 
     def _weights_t(self) -> Any:
@@ -257,12 +257,9 @@ class _ConvolutionBase(Layer):
         y = self.buffer(f"apply.{slot}", (col.shape[0], self.conv_out))
         for i in range(self.group):
             self.xp.matmul(self._group_cols(col, i), wt[i], out=self._group_cols(y, i))
-        y_nchw = y.reshape(n, -1, self.conv_out).transpose(0, 2, 1)
-        target = out.reshape(n, self.conv_out, -1)
-        if bias and self.bias_term:  # the layout change and the bias in one pass
-            self.xp.add(y_nchw, self.blobs[1].data.reshape(1, -1, 1), out=target)
-        else:
-            target[...] = y_nchw
+        b = self.blobs[1].data if bias and self.bias_term else None
+        # the layout change and the bias in one pass
+        self.backend.rows_to_images(y, b, out.reshape(n, self.conv_out, -1))
 
     def _apply_t(self, dy: Any, out: Any, slot: int = 0, dcol: Any = None) -> None:
         """out (N, conv_in, H, W) = col2im(dy · W) for rows dy (N·oh·ow, conv_out); ``dcol``,
