@@ -56,6 +56,52 @@ def test_convolution_gradient(extra: str) -> None:
     grad_ok("Convolution", conv_params(extra), [blob((2, 4, 6, 5))])
 
 
+# Layers with at least 256 output pixels (and no fewer than their column entries) run one GEMM
+# per image on Caffe's column layout, with the bias folded into it (a row of ones).
+PER_IMAGE = ["num_output: 3 kernel_size: 3 pad: 1", "num_output: 2 kernel_size: 3 pad: 1 "
+             "bias_term: false", "num_output: 2 kernel_size: 3 pad: 2 dilation: 2"]
+
+
+@pytest.mark.parametrize("extra", PER_IMAGE, ids=["bias", "no_bias", "dilation"])
+@pytest.mark.parametrize("phase", [None, PHASE_TEST], ids=["train", "test"])
+def test_convolution_per_image_path(extra: str, phase: int | None) -> None:
+    """Forward against naive loops, gradients by finite differences, and forward/backward
+    against the row layout's, on a layer large enough for the per-image GEMMs."""
+    kwargs = {} if phase is None else {"phase": phase}
+    layer = make_layer("Convolution", conv_params(extra), **kwargs)
+    x = blob((2, 2, 16, 16))
+    top = tops(1)
+    run_forward(layer, [x], top)
+    assert layer._per_image(top[0].shape[2] * top[0].shape[3])
+    w = layer.blobs[0].data
+    b = layer.blobs[1].data if len(layer.blobs) > 1 else np.zeros(w.shape[0])
+    dil = (2, 2) if "dilation" in extra else (1, 1)
+    pad = (2, 2) if "pad: 2" in extra else (1, 1)
+    np.testing.assert_allclose(top[0].data, naive_conv(x.data, w, b, (1, 1), pad, dil, 1),
+                               rtol=1e-12, atol=1e-12)
+
+    # (run_forward sets a layer up again, with new weights: fresh layers for the comparison)
+    images = make_layer("Convolution", conv_params(extra), **kwargs)
+    rows = make_layer("Convolution", conv_params(extra), **kwargs)
+    rows._per_image = lambda pixels: False  # type: ignore[method-assign]
+    dy = np.random.default_rng(7).normal(size=top[0].shape)
+    grads = []
+    for lay in (images, rows):
+        xb, t = blob((2, 2, 16, 16)), tops(1)
+        run_forward(lay, [xb], t)
+        t[0].diff[...] = dy
+        for p in lay.blobs:
+            p.diff[...] = 0
+        lay.backward(t, [True], [xb])
+        grads.append([xb.diff.copy(), *(p.diff.copy() for p in lay.blobs)])
+    for got, want in zip(*grads, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+    checked = make_layer("Convolution", conv_params(extra), **kwargs)
+    result = GradientChecker(1e-2, 1e-3).check(checked, [blob((1, 2, 16, 16))], tops(1))
+    assert result.checked > 0 and result.ok, result.failures[:5]
+
+
 def test_convolution_gradient_test_phase_recomputes_columns() -> None:
     layer = make_layer("Convolution", conv_params("num_output: 2 kernel_size: 3 pad: 1"),
                        phase=PHASE_TEST)
