@@ -365,13 +365,10 @@ def _make_rows_to_images(with_bias: bool) -> Any:
         for n in range(n_img):
             base = n * p
             for o in range(c):
-                b = bias[o] if with_bias else rows.dtype.type(0)
-                dst = out[n, o]
+                b, dst = bias[o], out[n, o]
                 for q in range(p):
-                    if with_bias:
-                        dst[uintp(q)] = rows[uintp(base + q), uintp(o)] + b
-                    else:
-                        dst[uintp(q)] = rows[uintp(base + q), uintp(o)]
+                    v = rows[uintp(base + q), uintp(o)]
+                    dst[uintp(q)] = v + b if with_bias else v
 
     return kernel
 

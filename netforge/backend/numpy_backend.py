@@ -191,8 +191,8 @@ class NumpyBackend(Backend):
                    decay: float, lr: float, momentum: float, tmp: np.ndarray) -> None:
         """One pass over the blob instead of six (the same float32 operations in the same
         order, so the same bits): LeNet's update 0.36 -> 0.14 ms."""
-        if self.use_compiled(data.size) and data.dtype == np.float32 and all(
-                a.flags.c_contiguous for a in (data, diff, history)):
+        if self.use_compiled(data.size) and data.dtype == np.float32 and _contiguous(
+                data, diff, history):
             kernels.sgd_update(data.reshape(-1), diff.reshape(-1), history.reshape(-1),
                                decay, lr, momentum)
             return

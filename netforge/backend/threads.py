@@ -143,11 +143,14 @@ class BatchPool:
 
     def _spin(self, report: int, done: int, index: int, value: int) -> bool:
         """Store ``done`` in flags[report] (report ≥ 0), then busy-wait while flags[index] is
-        ``value``; True once it changed. Without numba: store, wake sleepers, look once."""
+        ``value``; True once it changed. A caller asleep on _wake (and every waiter, without
+        numba) is woken only from Python: then the report is made here, and without numba
+        the wait is one look."""
+        if report >= 0 and (self._caller_asleep or not kernels.AVAILABLE):
+            self._signal_done(report, done)
+            report = -1
         if kernels.AVAILABLE:
             return kernels.report_and_wait(self._flags, report, done, index, value, SPIN_TURNS)
-        if report >= 0:
-            self._signal_done(report, done)
         return bool(self._flags[index] != value)
 
     def _signal_done(self, report: int, done: int) -> None:
@@ -162,11 +165,7 @@ class BatchPool:
         _inside.slot = slot
         flags, seen = self._flags, 0
         while True:
-            report = 8 * slot
-            if self._caller_asleep:  # report here and wake it (a busy-wait cannot)
-                self._signal_done(report, seen)
-                report = -1
-            if not self._spin(report, seen, 0, seen):
+            if not self._spin(8 * slot, seen, 0, seen):
                 with self._wake:
                     self._sleepers += 1
                     while flags[0] == seen:
