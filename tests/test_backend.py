@@ -579,3 +579,34 @@ def test_compiled_sgd_update_matches_numpy_bit_for_bit(decay: float) -> None:
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(results[0][0], arrays[0])
+
+
+@kernels_available
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("slope", [0.0, 0.01])
+def test_compiled_relu_matches_numpy_bit_for_bit(dtype: str, slope: float) -> None:
+    """The compiled ReLU (parts of the flattened array on every worker) gives NumPy's bits,
+    signed zeros, infinities and NaNs included, in place and not."""
+    fast, slow = NumpyBackend(dtype), NumpyBackend(dtype, compiled=False)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, 5, 200, 201)).astype(dtype)  # over parallel_min: split in parts
+    x.reshape(-1)[:6] = [-0.0, 0.0, np.nan, np.inf, -np.inf, -1.0]
+    dy = rng.normal(size=x.shape).astype(dtype)
+    dy.reshape(-1)[6:9] = [np.inf, -0.0, np.nan]
+    assert fast.use_compiled(x.size) and x.size >= fast.parallel_min
+    got, want = np.full_like(x, 7.0), np.full_like(x, 8.0)
+    fast.relu(x, got, slope)
+    slow.relu(x, want, slope)
+    assert got.tobytes() == want.tobytes()
+    assert np.signbit(got.reshape(-1)[0]) == bool(slope)  # max(-0.0, 0) is +0.0
+    with np.errstate(invalid="ignore"):  # inf · 0 in NumPy's product
+        dgot, dwant = np.full_like(x, 7.0), np.full_like(x, 8.0)
+        fast.relu_backward(got, dy, dgot, slope)  # from the output, as in place
+        slow.relu_backward(x, dy, dwant, slope)
+        assert dgot.tobytes() == dwant.tobytes()
+        inplace = x.copy()
+        fast.relu(inplace, inplace, slope)
+        assert inplace.tobytes() == want.tobytes()
+        grad = dy.copy()
+        fast.relu_backward(inplace, grad, grad, slope)
+        assert grad.tobytes() == dwant.tobytes()

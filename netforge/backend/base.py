@@ -117,6 +117,24 @@ class Backend(ABC):
         n, c, p = images.shape
         out.reshape(n, p, c)[...] = images.transpose(0, 2, 1)
 
+    # -- ReLU, written into a given array (in place when it is the input) -----------------------
+    def relu(self, x: Any, y: Any, slope: float) -> None:
+        """y = x where x > 0, else slope·x (Caffe's max(x, 0) + slope·min(x, 0))."""
+        xp = self.xp
+        if slope:
+            y[...] = xp.where(x > 0, x, x * slope)
+        else:
+            xp.maximum(x, 0, out=y)
+
+    def relu_backward(self, x: Any, dy: Any, dx: Any, slope: float) -> None:
+        """dx = dy where x > 0, else slope·dy. ``x`` may be ReLU's output (the same signs for
+        slope ≥ 0) and ``dx`` may be ``dy``."""
+        xp = self.xp
+        if slope:
+            dx[...] = xp.where(x > 0, dy, dy * slope)
+        else:
+            xp.multiply(dy, x > 0, out=dx)
+
     def sgd_update(self, data: Any, diff: Any, history: Any, decay: float, lr: float,
                    momentum: float, tmp: Any) -> None:
         """Caffe's SGD step with L2 weight decay, in place, for one parameter blob:

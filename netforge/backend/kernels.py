@@ -445,6 +445,39 @@ def ave_pool_backward(dy: np.ndarray, dx: np.ndarray, size: np.ndarray,
     _kernel("ave_backward", geometry)(dy, dx, size, *_pool_bounds(dx, dy, geometry))
 
 
+# -- ReLU ------------------------------------------------------------------------------------
+# The same selects as the NumPy expressions in Backend.relu / relu_backward, so the same bits
+# (slope 0 keeps max(x, 0)'s +0.0 for negative inputs).
+
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _relu(x: Any, y: Any, slope: Any) -> None:
+        zero = x.dtype.type(0)
+        for i in range(x.size):
+            v = x[uintp(i)]
+            if slope:
+                y[uintp(i)] = v if v > zero else v * slope
+            else:  # max(v, 0): NaN stays NaN, -0.0 becomes +0.0
+                y[uintp(i)] = v if v > zero or v != v else zero
+
+    @njit(nogil=True, cache=True)
+    def _relu_backward(x: Any, dy: Any, dx: Any, slope: Any) -> None:
+        zero = x.dtype.type(0)
+        for i in range(x.size):
+            g = dy[uintp(i)]
+            dx[uintp(i)] = g if x[uintp(i)] > zero else g * slope
+
+
+def relu(x: np.ndarray, y: np.ndarray, slope: float) -> None:
+    """y = x where x > 0, else slope·x, on flat contiguous arrays of one dtype."""
+    _relu(x, y, x.dtype.type(slope))
+
+
+def relu_backward(x: np.ndarray, dy: np.ndarray, dx: np.ndarray, slope: float) -> None:
+    """dx = dy where x > 0, else slope·dy, on flat contiguous arrays of one dtype."""
+    _relu_backward(x, dy, dx, x.dtype.type(slope))
+
+
 # -- the solver's update ----------------------------------------------------------------------
 
 if AVAILABLE:

@@ -187,6 +187,29 @@ class NumpyBackend(Backend):
         else:
             super().images_to_rows(images, out)
 
+    # ReLU as one compiled pass per part of the flattened array, on every worker (NumPy's
+    # expressions make temporaries and run on one core): cifar10_quick's three ReLUs (26 MB
+    # of activations and gradients a step) took ~5.7 ms less a step in an in-process A/B.
+    def relu(self, x: np.ndarray, y: np.ndarray, slope: float) -> None:
+        if self.use_compiled(x.size) and _contiguous(x, y):
+            self._elementwise(kernels.relu, (x, y), slope)
+        else:
+            super().relu(x, y, slope)
+
+    def relu_backward(self, x: np.ndarray, dy: np.ndarray, dx: np.ndarray,
+                      slope: float) -> None:
+        if self.use_compiled(x.size) and _contiguous(x, dy, dx):
+            self._elementwise(kernels.relu_backward, (x, dy, dx), slope)
+        else:
+            super().relu_backward(x, dy, dx, slope)
+
+    def _elementwise(self, kernel: Callable[..., None], arrays: tuple[np.ndarray, ...],
+                     *args: Any) -> None:
+        """kernel(*flat parts, *args) over even parts of the flattened arrays, in parallel."""
+        flat = [a.reshape(-1) for a in arrays]
+        self.map_parts(flat[0].size, flat[0].size,
+                       lambda part: kernel(*(a[part] for a in flat), *args))
+
     def sgd_update(self, data: np.ndarray, diff: np.ndarray, history: np.ndarray,
                    decay: float, lr: float, momentum: float, tmp: np.ndarray) -> None:
         """One pass over the blob instead of six (the same float32 operations in the same

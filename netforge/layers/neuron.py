@@ -41,23 +41,13 @@ class ReLU(NeuronLayer):
         self.slope = float(self.param.relu_param.negative_slope)
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
-        x = bottom[0].data
-        if self.slope:
-            top[0].data[...] = self.xp.where(x > 0, x, x * self.slope)
-        else:
-            top[0].data[...] = self.xp.maximum(x, 0)
+        self.backend.relu(bottom[0].data, top[0].data, self.slope)
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
-        if not propagate_down[0]:
-            return
-        # In place, bottom data holds y, whose sign matches x's for slope >= 0 (as in Caffe).
-        positive = bottom[0].data > 0
-        dy = top[0].diff
-        if self.slope:
-            bottom[0].diff[...] = self.xp.where(positive, dy, dy * self.slope)
-        else:
-            bottom[0].diff[...] = dy * positive
+        if propagate_down[0]:
+            # In place, bottom data holds y, whose sign matches x's for slope >= 0 (as in Caffe).
+            self.backend.relu_backward(bottom[0].data, top[0].diff, bottom[0].diff, self.slope)
 
 
 @register
