@@ -153,6 +153,60 @@ def test_compiled_pooling_matches_numpy(pool: str, geometry: str) -> None:
     np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-12, atol=1e-12)
 
 
+@kernels_available
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("shape", "geometry"), [
+    ((3, 4, 32, 32), (3, 3, 2, 2, 0, 0)),   # CEIL overhang at the bottom and right
+    ((2, 3, 21, 20), (3, 3, 2, 2, 0, 0)),   # overhang on the right only
+    ((2, 3, 17, 19), (3, 3, 2, 2, 1, 1)),   # padding (AVE only)
+    ((2, 3, 21, 20), (2, 2, 3, 3, 0, 0)),   # a window wholly past the edge (AVE only)
+    ((2, 3, 9, 11), (4, 3, 3, 2, 2, 1)),
+])
+def test_pooling_padded_planes_give_the_clipped_windows_bits(
+        dtype: str, shape: tuple[int, ...], geometry: tuple[int, ...]) -> None:
+    """Windows past the input run over a copy of the plane with -inf (MAX) or 0 (AVE) around
+    it instead of the clipped loops: the same maxima, argmaxes (ties, -inf and NaN included),
+    averages and AVE gradients, bit for bit."""
+    from netforge.backend import kernels
+
+    kh, kw, sh, sw, ph, pw = geometry
+    n, c, h, w = shape
+    oh, ow = -(-(h + 2 * ph - kh) // sh) + 1, -(-(w + 2 * pw - kw) // sw) + 1
+    oh -= ph > 0 and (oh - 1) * sh >= h + ph
+    ow -= pw > 0 and (ow - 1) * sw >= w + pw
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=shape).round(1).astype(dtype)  # rounded: ties
+    x.reshape(-1)[::13] = -np.inf
+    x.reshape(-1)[5::29] = np.nan
+    dy = rng.normal(size=(n, c, oh, ow)).astype(dtype)
+    hs, ws = np.arange(oh) * sh - ph, np.arange(ow) * sw - pw
+    size = np.maximum((np.minimum(hs + kh, h + ph) - hs)[:, None]
+                      * (np.minimum(ws + kw, w + pw) - ws)[None, :], 1).astype(dtype)
+    bounds = kernels._pool_bounds(x, dy, geometry)
+    assert kernels._clipped(bounds, dy)
+    results = []
+    for padded in (True, False):
+        out = np.full(dy.shape, 5.0, dtype)
+        kernels._kernel("ave", geometry)(x, out, size, *bounds, padded)
+        dx = np.full(shape, 3.0, dtype)
+        kernels._kernel("ave_backward", geometry)(dy, dx, size, *bounds, padded)
+        results.append((out, dx))
+    for a, b in zip(*results, strict=True):
+        assert a.tobytes() == b.tobytes()
+    if not kernels._max_overhang(x, dy, geometry, bounds):
+        return
+    results = []
+    for overhang in (True, False):
+        best, arg = np.full(dy.shape, 5.0, dtype), np.full(dy.shape, 9, np.int32)
+        kernels._kernel("max", geometry)(x, best, arg, *bounds, overhang)
+        values = np.full(dy.shape, 6.0, dtype)
+        kernels._kernel("max_values", geometry)(x, values, arg[:1, :1, :1], *bounds, overhang)
+        results.append((best, arg, values))
+    for a, b in zip(*results, strict=True):
+        assert a.tobytes() == b.tobytes()
+    assert (results[0][1] >= 0).all()
+
+
 @pytest.mark.parametrize("params", ["num_output: 4 kernel_size: 3 pad: 1",
                                     "num_output: 6 kernel_size: 2 stride: 2 group: 2"])
 def test_convolution_in_parts_equals_whole_batch(monkeypatch: pytest.MonkeyPatch,

@@ -189,6 +189,31 @@ def columns(image: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...], oh: 
 
 # -- pooling forward ---------------------------------------------------------------------------
 
+# Windows that reach past the input (Caffe's CEIL rounding leaves the last row and column of
+# windows hanging over the bottom and right edges, as in every 3x3 stride-2 pooling of an even
+# size; padding does the same on all sides) would take the clipped path, with run-time bounds
+# per window. Instead each plane is copied into a scratch plane that has room for every window
+# and holds the neutral value outside the input (-inf for MAX, 0 for AVE), and every window
+# takes the unrolled path: the same values compared or summed in the same order, so the same
+# bits (AVE adds +0.0 for the cells outside). MAX does this only without padding, where a
+# window's first cell is always inside (its first valid value starts the comparison, as in the
+# clipped path), and only when no window lies wholly outside the input (those give -FLT_MAX
+# and no argmax). One core, 50 images, 32 channels: 3x3 stride-2 MAX on 32x32 1.61 -> 1.14 ms,
+# on 16x16 0.58 -> 0.34 ms; AVE on 16x16 0.53 -> 0.40 ms, on 8x8 (64 channels) 0.34 -> 0.24 ms.
+
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _padded_plane(plane: Any, scratch: Any, ph: int, pw: int) -> Any:
+        """``plane`` copied into ``scratch`` at (ph, pw); the rest of scratch is untouched."""
+        h, w = plane.shape
+        rows, cols = min(h, scratch.shape[0] - ph), min(w, scratch.shape[1] - pw)
+        for y in range(rows):
+            src, dst = plane[y], scratch[y + ph]
+            for xx in range(cols):
+                dst[uintp(xx + pw)] = src[uintp(xx)]
+        return scratch
+
+
 def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                    with_arg: bool) -> Any:
     @njit(nogil=True, cache=True, inline="always")
@@ -218,9 +243,22 @@ def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
 
     @njit(nogil=True, cache=True)
     def kernel(x: Any, best: Any, arg: Any, y_lo: int, y_hi: int, x_lo: int,
-               x_hi: int) -> None:
+               x_hi: int, overhang: bool) -> None:
         n_img, c_in, h, w = x.shape
         oh, ow = best.shape[2], best.shape[3]
+        if overhang:  # see _padded_plane
+            scratch = np.full(((oh - 1) * sh + kh, (ow - 1) * sw + kw), -np.inf, x.dtype)
+            for n in range(n_img):
+                for c in range(c_in):
+                    p = _padded_plane(x[n, c], scratch, 0, 0)
+                    for y in range(oh):
+                        b, a = best[n, c, y], arg[n, c, y] if with_arg else arg[0, 0, 0]
+                        for xx in range(ow):
+                            m, k = window(p, y * sh, xx * sw)
+                            b[xx] = m
+                            if with_arg:
+                                a[xx] = k
+            return
         for n in range(n_img):
             for c in range(c_in):
                 p = x[n, c]
@@ -277,9 +315,19 @@ def _make_ave_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
 
     @njit(nogil=True, cache=True)
     def kernel(x: Any, out: Any, size: Any, y_lo: int, y_hi: int, x_lo: int,
-               x_hi: int) -> None:
+               x_hi: int, padded: bool) -> None:
         n_img, c_in, h, w = x.shape
         oh, ow = out.shape[2], out.shape[3]
+        if padded:  # see _padded_plane
+            scratch = np.zeros(((oh - 1) * sh + kh, (ow - 1) * sw + kw), x.dtype)
+            for n in range(n_img):
+                for c in range(c_in):
+                    p = _padded_plane(x[n, c], scratch, ph, pw)
+                    for y in range(oh):
+                        o, sz = out[n, c, y], size[y]
+                        for xx in range(ow):
+                            o[xx] = window(p, y * sh, xx * sw) / sz[xx]
+            return
         for n in range(n_img):
             for c in range(c_in):
                 p = x[n, c]
@@ -325,9 +373,32 @@ def _make_max_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
 
 def _make_ave_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
     @njit(nogil=True, cache=True)
-    def kernel(dy: Any, dx: Any, size: Any, y_lo: int, y_hi: int, x_lo: int, x_hi: int) -> None:
+    def kernel(dy: Any, dx: Any, size: Any, y_lo: int, y_hi: int, x_lo: int, x_hi: int,
+               padded: bool) -> None:
         n_img, c_in, h, w = dx.shape
         oh, ow = dy.shape[2], dy.shape[3]
+        if padded:  # the same sums in the same order, into a plane with room for every window
+            scratch = np.empty(((oh - 1) * sh + kh, (ow - 1) * sw + kw), dx.dtype)
+            rows, cols = min(h, scratch.shape[0] - ph), min(w, scratch.shape[1] - pw)
+            for n in range(n_img):
+                for c in range(c_in):
+                    scratch[:, :] = 0.0
+                    for y in range(oh):
+                        for xx in range(ow):
+                            g = dy[n, c, y, xx] / size[y, xx]
+                            for i in range(kh):  # unrolled
+                                for j in range(kw):
+                                    scratch[y * sh + i, xx * sw + j] += g
+                    d = dx[n, c]
+                    for y in range(rows):
+                        src, dst = scratch[y + ph], d[y]
+                        for xx in range(cols):
+                            dst[uintp(xx)] = src[uintp(xx + pw)]
+                        for xx in range(cols, w):  # columns no window reaches (FLOOR)
+                            dst[xx] = 0.0
+                    for y in range(rows, h):
+                        d[y, :] = 0.0
+            return
         for n in range(n_img):
             for c in range(c_in):
                 d = dx[n, c]
@@ -416,16 +487,35 @@ def _pool_bounds(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...]) -> t
             *_interior(out.shape[3], x.shape[3], kw, sw, pw))
 
 
+def _clipped(bounds: tuple[int, ...], out: np.ndarray) -> bool:
+    """Whether some window reaches past the input (padding or the CEIL overhang)."""
+    y_lo, y_hi, x_lo, x_hi = bounds
+    return (y_lo, y_hi, x_lo, x_hi) != (0, out.shape[2], 0, out.shape[3])
+
+
+def _max_overhang(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...],
+                  bounds: tuple[int, ...]) -> bool:
+    """MAX's padded-plane path: no padding, some window past the bottom or right edge, none
+    wholly outside the input."""
+    _, _, sh, sw, ph, pw = geometry
+    oh, ow = out.shape[2:]
+    return (ph == pw == 0 and _clipped(bounds, out) and (oh - 1) * sh < x.shape[2]
+            and (ow - 1) * sw < x.shape[3])
+
+
 def max_pool(x: np.ndarray, best: np.ndarray, arg: np.ndarray,
              geometry: tuple[int, ...]) -> None:
     x = np.ascontiguousarray(x)
-    _kernel("max", geometry)(x, best, arg, *_pool_bounds(x, best, geometry))
+    bounds = _pool_bounds(x, best, geometry)
+    _kernel("max", geometry)(x, best, arg, *bounds, _max_overhang(x, best, geometry, bounds))
 
 
 def max_pool_values(x: np.ndarray, best: np.ndarray, geometry: tuple[int, ...]) -> None:
     x = np.ascontiguousarray(x)
     unused = np.zeros((1, 1, 1, 1), dtype=np.int32)
-    _kernel("max_values", geometry)(x, best, unused, *_pool_bounds(x, best, geometry))
+    bounds = _pool_bounds(x, best, geometry)
+    _kernel("max_values", geometry)(x, best, unused, *bounds,
+                                    _max_overhang(x, best, geometry, bounds))
 
 
 def max_pool_backward(dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
@@ -436,13 +526,15 @@ def max_pool_backward(dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
 def ave_pool(x: np.ndarray, out: np.ndarray, size: np.ndarray,
              geometry: tuple[int, ...]) -> None:
     x = np.ascontiguousarray(x)
-    _kernel("ave", geometry)(x, out, size, *_pool_bounds(x, out, geometry))
+    bounds = _pool_bounds(x, out, geometry)
+    _kernel("ave", geometry)(x, out, size, *bounds, _clipped(bounds, out))
 
 
 def ave_pool_backward(dy: np.ndarray, dx: np.ndarray, size: np.ndarray,
                       geometry: tuple[int, ...]) -> None:
     dy = np.ascontiguousarray(dy)
-    _kernel("ave_backward", geometry)(dy, dx, size, *_pool_bounds(dx, dy, geometry))
+    bounds = _pool_bounds(dx, dy, geometry)
+    _kernel("ave_backward", geometry)(dy, dx, size, *bounds, _clipped(bounds, dy))
 
 
 # -- ReLU ------------------------------------------------------------------------------------
