@@ -30,6 +30,10 @@ def test_im2col_layouts_agree(case: tuple[int, ...]) -> None:
     np.testing.assert_array_equal(rows.reshape(n, p, kk).transpose(0, 2, 1), per_image)
     again = B.im2col_rows(x, *k, out=rows)
     assert again is rows
+    kh, kw = k[:2]  # (i, j, c) rows: the (c, i, j) rows with each row's entries permuted
+    hwc = B.im2col_rows(x, *k, channels_last=True)
+    np.testing.assert_array_equal(
+        hwc, rows.reshape(-1, c, kh, kw).transpose(0, 2, 3, 1).reshape(rows.shape))
     buffer = np.full(per_image.shape, 3.0)
     assert B.im2col(x, *k, out=buffer) is buffer
     np.testing.assert_array_equal(buffer, per_image)
@@ -53,6 +57,9 @@ def test_col2im_is_the_adjoint(case: tuple[int, ...]) -> None:
     back = B.col2im_rows(b, x.shape, *k, out=out)
     assert back is out
     assert np.vdot(rows, b) == pytest.approx(np.vdot(x, back))
+    hwc = B.im2col_rows(x, *k, channels_last=True)
+    back = B.col2im_rows(b, x.shape, *k, out=np.full(x.shape, 7.0), channels_last=True)
+    assert np.vdot(hwc, b) == pytest.approx(np.vdot(x, back))
 
 
 def test_pad() -> None:
@@ -114,6 +121,17 @@ def test_compiled_im2col_col2im_match_numpy(case: tuple[int, ...]) -> None:
     d = np.random.default_rng(3).normal(size=cols.shape)
     np.testing.assert_allclose(fast.col2im_rows(d, x.shape, *k, out=np.empty(x.shape)),
                                slow.col2im_rows(d, x.shape, *k), rtol=1e-12, atol=1e-12)
+    # rows in (i, j, c) order: the compiled kernel sums each pixel's entries in the (c, i, j)
+    # kernel's order, so its col2im gives that kernel's bits on the permuted rows
+    kh, kw = k[:2]
+    hwc = fast.im2col_rows(x, *k, out=np.full(cols.shape, 5.0), channels_last=True)
+    np.testing.assert_array_equal(hwc, slow.im2col_rows(x, *k, channels_last=True))
+    back = fast.col2im_rows(d, x.shape, *k, out=np.full(x.shape, 7.0), channels_last=True)
+    np.testing.assert_allclose(back, slow.col2im_rows(d, x.shape, *k, channels_last=True),
+                               rtol=1e-12, atol=1e-12)
+    as_cij = d.reshape(-1, kh, kw, c).transpose(0, 3, 1, 2).reshape(d.shape)
+    assert back.tobytes() == fast.col2im_rows(np.ascontiguousarray(as_cij), x.shape,
+                                              *k).tobytes()
     # Caffe's per-image layout (N, C·kh·kw, oh·ow), into reused buffers
     buffer = np.full((n, cols.shape[1], cols.shape[0] // n), 5.0)
     per_image = fast.im2col(x, *k, out=buffer)
@@ -207,10 +225,13 @@ def test_pooling_padded_planes_give_the_clipped_windows_bits(
     assert (results[0][1] >= 0).all()
 
 
-@pytest.mark.parametrize("params", ["num_output: 4 kernel_size: 3 pad: 1",
-                                    "num_output: 6 kernel_size: 2 stride: 2 group: 2"])
+@pytest.mark.parametrize(("params", "channels"), [
+    ("num_output: 4 kernel_size: 3 pad: 1", 4),
+    ("num_output: 6 kernel_size: 2 stride: 2 group: 2", 4),
+    ("num_output: 4 kernel_size: 3 pad: 1", 18),  # rows in (i, j, c) order
+])
 def test_convolution_in_parts_equals_whole_batch(monkeypatch: pytest.MonkeyPatch,
-                                                 params: str) -> None:
+                                                 params: str, channels: int) -> None:
     """Convolution splits a batch into parts (one per worker, more past the column budget),
     run concurrently; the result must not depend on the split: the whole batch at once, one
     image per part, two workers with one part each, three workers with two parts each."""
@@ -227,10 +248,11 @@ def test_convolution_in_parts_equals_whole_batch(monkeypatch: pytest.MonkeyPatch
         layer.backend.parallel_min = 0
         if layer.backend.workers != workers:
             pytest.skip("no per-thread BLAS control here: batch parallelism is off")
-        bottom, top = [blob((6, 4, 7, 6))], tops(1)
+        bottom, top = [blob((6, channels, 7, 6))], tops(1)
         layer.setup(bottom, top)
         layer.reshape(bottom, top)
         assert len(layer._parts(bottom[0].data)) == n_parts
+        assert layer.channels_last == (channels == 18)
         layer.forward(bottom, top)
         top[0].diff[...] = np.random.default_rng(5).normal(size=top[0].shape)
         for b in layer.blobs:
@@ -569,6 +591,28 @@ def test_convolution_layout_choice() -> None:
     assert not per_image(20, 24)              # 400 pixels, 500 entries
     assert per_image(20, 30)                  # 676 pixels, 500 entries
     assert not per_image(2, 28, "group: 2")   # grouped: the row layout's group slices
+
+
+@pytest.mark.parametrize(("layer_type", "channels", "params", "expected"), [
+    ("Convolution", 20, "kernel_size: 5", False),   # LeNet's conv2: kw values at a time win
+    ("Convolution", 32, "kernel_size: 5", True),    # cifar10_quick's conv2 and conv3
+    ("Convolution", 18, "kernel_size: 3", True),
+    ("Convolution", 17, "kernel_size: 3", False),
+    ("Convolution", 32, "kernel_size: 7", True),    # 32 channels always
+    ("Convolution", 31, "kernel_size: 7", False),
+    ("Convolution", 6, "kernel_size: 1 stride: 2", True),
+    ("Convolution", 64, "kernel_size: 3 group: 2", False),  # groups: Caffe's order
+    ("Deconvolution", 64, "kernel_size: 3", False),
+])
+def test_convolution_row_entry_order(layer_type: str, channels: int, params: str,
+                                     expected: bool) -> None:
+    """Row-layout columns are ordered (i, j, c) where im2col's C-value copies beat Caffe's
+    kw-value ones: C ≥ min(32, 6·kw), no groups, not Deconvolution."""
+    from tests.helpers import blob, make_layer, tops
+
+    layer = make_layer(layer_type, f"convolution_param {{ num_output: 4 {params} }}")
+    layer.setup([blob(data=np.zeros((1, channels, 9, 9)))], tops(1))
+    assert layer.channels_last is expected
 
 
 def test_layer_buffers_grow_per_key_and_are_reused() -> None:

@@ -102,6 +102,51 @@ def test_convolution_per_image_path(extra: str, phase: int | None) -> None:
     assert result.checked > 0 and result.ok, result.failures[:5]
 
 
+@pytest.mark.parametrize(("extra", "stride", "pad", "dil"), [
+    ("num_output: 3 kernel_size: 3", (1, 1), (0, 0), (1, 1)),
+    ("num_output: 3 kernel_size: 3 pad: 1 stride: 2", (2, 2), (1, 1), (1, 1)),
+    ("num_output: 2 kernel_size: 2 dilation: 2 pad: 2 stride: 1 stride: 2", (1, 2), (2, 2),
+     (2, 2)),
+    ("num_output: 2 kernel_h: 3 kernel_w: 2 pad_h: 0 pad_w: 1", (1, 1), (0, 1), (1, 1)),
+], ids=["simple", "pad_stride", "dilation", "rect"])
+@pytest.mark.parametrize("phase", [None, PHASE_TEST], ids=["train", "test"])
+def test_convolution_channels_last_rows(extra: str, stride: tuple[int, int],
+                                        pad: tuple[int, int], dil: tuple[int, int],
+                                        phase: int | None) -> None:
+    """Row-layout columns in (i, j, c) order (layers with enough input channels): forward
+    against naive loops, forward and gradients against Caffe's (c, i, j) order, and finite
+    differences."""
+    kwargs = {} if phase is None else {"phase": phase}
+    shape = (2, 18, 7, 6)
+    layer = make_layer("Convolution", conv_params(extra), **kwargs)
+    x, top = blob(shape), tops(1)
+    run_forward(layer, [x], top)
+    assert layer.channels_last and not layer._per_image(top[0].shape[2] * top[0].shape[3])
+    w, b = layer.blobs[0].data, layer.blobs[1].data
+    np.testing.assert_allclose(top[0].data, naive_conv(x.data, w, b, stride, pad, dil, 1),
+                               rtol=1e-12, atol=1e-12)
+
+    dy = np.random.default_rng(8).normal(size=top[0].shape)
+    results = []
+    for channels_last in (True, False):
+        lay = make_layer("Convolution", conv_params(extra), **kwargs)
+        xb, t = blob(shape), tops(1)
+        run_forward(lay, [xb], t)
+        lay.channels_last = channels_last
+        lay.forward([xb], t)
+        t[0].diff[...] = dy
+        for p in lay.blobs:
+            p.diff[...] = 0
+        lay.backward(t, [True], [xb])
+        results.append([t[0].data.copy(), xb.diff.copy(), *(p.diff.copy() for p in lay.blobs)])
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+    checked = make_layer("Convolution", conv_params(extra), **kwargs)
+    result = GradientChecker(1e-2, 1e-3).check(checked, [blob((1, 18, 5, 4))], tops(1))
+    assert result.checked > 0 and result.ok, result.failures[:5]
+
+
 def test_convolution_gradient_test_phase_recomputes_columns() -> None:
     layer = make_layer("Convolution", conv_params("num_output: 2 kernel_size: 3 pad: 1"),
                        phase=PHASE_TEST)

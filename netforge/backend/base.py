@@ -152,13 +152,16 @@ class Backend(ABC):
     # -- kernels: every backend implements these -----------------------------------------------
     @abstractmethod
     def im2col_rows(self, x: Any, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
-                    dh: int, dw: int, out: Any = None) -> Any:
-        """(N, C, H, W) -> rows (N·oh·ow, C·kh·kw): one row per output pixel of every image."""
+                    dh: int, dw: int, out: Any = None, channels_last: bool = False) -> Any:
+        """(N, C, H, W) -> rows (N·oh·ow, C·kh·kw): one row per output pixel of every image,
+        its entries ordered (c, i, j) like Caffe's columns, or (i, j, c) with
+        ``channels_last``."""
 
     @abstractmethod
     def col2im_rows(self, col: Any, shape: tuple[int, ...], kh: int, kw: int, sh: int,
-                    sw: int, ph: int, pw: int, dh: int, dw: int, out: Any = None) -> Any:
-        """The adjoint of ``im2col_rows``."""
+                    sw: int, ph: int, pw: int, dh: int, dw: int, out: Any = None,
+                    channels_last: bool = False) -> Any:
+        """The adjoint of ``im2col_rows`` (with the same entry order)."""
 
     @abstractmethod
     def sliding_windows(self, x: Any, kh: int, kw: int, sh: int, sw: int, oh: int, ow: int,

@@ -19,6 +19,11 @@ def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - (d * (k - 1) + 1)) // s + 1
 
 
+# The windows view (N, C, kh, kw, oh, ow) in each column layout's axis order.
+_WINDOW_AXES = {"rows": (0, 4, 5, 1, 2, 3), "hwc": (0, 4, 5, 2, 3, 1),
+                "images": (0, 1, 2, 3, 4, 5)}
+
+
 def _contiguous(*arrays: np.ndarray | None) -> bool:
     """Every array given (None skipped) C-contiguous, all of one dtype."""
     given = [a for a in arrays if a is not None]
@@ -76,48 +81,51 @@ class NumpyBackend(Backend):
                dh: int, dw: int, out: np.ndarray | None = None) -> np.ndarray:
         """(N, C, H, W) -> columns (N, C·kh·kw, oh·ow), written into ``out`` when it is given
         (and has the right shape), to reuse one buffer."""
-        return self._im2col(x, (kh, kw, sh, sw, ph, pw, dh, dw), out, rows=False)
+        return self._im2col(x, (kh, kw, sh, sw, ph, pw, dh, dw), out, "images")
 
     def col2im(self, col: np.ndarray, shape: tuple[int, ...], kh: int, kw: int, sh: int,
                sw: int, ph: int, pw: int, dh: int, dw: int,
                out: np.ndarray | None = None) -> np.ndarray:
         """The adjoint of im2col: sums each column entry back into the pixel it came from
         (``out`` is overwritten when given)."""
-        return self._col2im(col, shape, (kh, kw, sh, sw, ph, pw, dh, dw), out, rows=False)
+        return self._col2im(col, shape, (kh, kw, sh, sw, ph, pw, dh, dw), out, "images")
 
     def im2col_rows(self, x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int,
-                    pw: int, dh: int, dw: int, out: np.ndarray | None = None) -> np.ndarray:
-        """(N, C, H, W) -> rows (N·oh·ow, C·kh·kw), into ``out`` when it is given."""
-        return self._im2col(x, (kh, kw, sh, sw, ph, pw, dh, dw), out, rows=True)
+                    pw: int, dh: int, dw: int, out: np.ndarray | None = None,
+                    channels_last: bool = False) -> np.ndarray:
+        """(N, C, H, W) -> rows (N·oh·ow, C·kh·kw), entries (c, i, j) or with
+        ``channels_last`` (i, j, c); into ``out`` when it is given."""
+        layout = "hwc" if channels_last else "rows"
+        return self._im2col(x, (kh, kw, sh, sw, ph, pw, dh, dw), out, layout)
 
     def col2im_rows(self, col: np.ndarray, shape: tuple[int, ...], kh: int, kw: int, sh: int,
                     sw: int, ph: int, pw: int, dh: int, dw: int,
-                    out: np.ndarray | None = None) -> np.ndarray:
+                    out: np.ndarray | None = None, channels_last: bool = False) -> np.ndarray:
         """The adjoint of im2col_rows: rows summed back into an (N, C, H, W) array (``out``
         is overwritten when given)."""
-        return self._col2im(col, shape, (kh, kw, sh, sw, ph, pw, dh, dw), out, rows=True)
+        layout = "hwc" if channels_last else "rows"
+        return self._col2im(col, shape, (kh, kw, sh, sw, ph, pw, dh, dw), out, layout)
 
     def _im2col(self, x: np.ndarray, geometry: tuple[int, ...], out: np.ndarray | None,
-                rows: bool) -> np.ndarray:
+                layout: str) -> np.ndarray:
         kh, kw, sh, sw, ph, pw, dh, dw = geometry
         n, c, h, w = x.shape
         oh = conv_out_size(h, kh, sh, ph, dh)
         ow = conv_out_size(w, kw, sw, pw, dw)
-        shape = (n * oh * ow, c * kh * kw) if rows else (n, c * kh * kw, oh * ow)
+        k = c * kh * kw
+        shape = (n, k, oh * ow) if layout == "images" else (n * oh * ow, k)
         if out is None or out.shape != shape or out.dtype != x.dtype:
             out = np.empty(shape, dtype=x.dtype)
         if self.use_compiled(out.size):
-            kernels.columns(x, out, geometry, oh, ow, rows, adjoint=False)
+            kernels.columns(x, out, geometry, oh, ow, layout, adjoint=False)
             return out
         win = self.sliding_windows(self.pad(x, ph, pw), kh, kw, sh, sw, oh, ow, dh, dw)
-        if rows:
-            np.copyto(out.reshape(n, oh, ow, c, kh, kw), win.transpose(0, 4, 5, 1, 2, 3))
-        else:
-            np.copyto(out.reshape(n, c, kh, kw, oh, ow), win)
+        win = win.transpose(_WINDOW_AXES[layout])
+        np.copyto(out.reshape(win.shape), win)
         return out
 
     def _col2im(self, col: np.ndarray, shape: tuple[int, ...], geometry: tuple[int, ...],
-                out: np.ndarray | None, rows: bool) -> np.ndarray:
+                out: np.ndarray | None, layout: str) -> np.ndarray:
         kh, kw, sh, sw, ph, pw, dh, dw = geometry
         n, c, h, w = shape
         oh = conv_out_size(h, kh, sh, ph, dh)
@@ -126,10 +134,12 @@ class NumpyBackend(Backend):
                 or not out.flags.c_contiguous:
             out = np.empty(tuple(shape), dtype=col.dtype)
         if self.use_compiled(col.size):
-            kernels.columns(out, col, geometry, oh, ow, rows, adjoint=True)
+            kernels.columns(out, col, geometry, oh, ow, layout, adjoint=True)
             return out
-        if rows:
+        if layout == "rows":
             windows = col.reshape(n, oh, ow, c, kh, kw).transpose(0, 3, 4, 5, 1, 2)
+        elif layout == "hwc":
+            windows = col.reshape(n, oh, ow, kh, kw, c).transpose(0, 5, 3, 4, 1, 2)
         else:
             windows = col.reshape(n, c, kh, kw, oh, ow)
         padded = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=col.dtype) if ph or pw else out
