@@ -289,6 +289,19 @@ def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                 m = v if up else m
         return m, k
 
+    @njit(nogil=True, cache=True, inline="always")
+    def block(p: Any, best: Any, arg: Any, rows: int, cols: int) -> None:
+        """The windows from (0, 0) to (rows, cols) of plane p, all inside it: loops from 0
+        with no test in them, which LLVM vectorizes (a per-row or per-column test, or a loop
+        from a run-time start, made it 2-5x slower)."""
+        for y in range(rows):
+            b, a = best[y], arg[y] if with_arg else arg[0]
+            for xx in range(cols):
+                m, k = window(p, y * sh, xx * sw)
+                b[xx] = m
+                if with_arg:
+                    a[xx] = k
+
     @njit(nogil=True, cache=True)
     def kernel(x: Any, best: Any, arg: Any, y_lo: int, y_hi: int, x_lo: int,
                x_hi: int, overhang: bool) -> None:
@@ -298,29 +311,14 @@ def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
             scratch = np.full(((oh - 1) * sh + kh, (ow - 1) * sw + kw), -np.inf, x.dtype)
             for n in range(n_img):
                 for c in range(c_in):
-                    p = _padded_plane(x[n, c], scratch, 0, 0)
-                    for y in range(oh):
-                        b, a = best[n, c, y], arg[n, c, y] if with_arg else arg[0, 0, 0]
-                        for xx in range(ow):
-                            m, k = window(p, y * sh, xx * sw)
-                            b[xx] = m
-                            if with_arg:
-                                a[xx] = k
+                    block(_padded_plane(x[n, c], scratch, 0, 0), best[n, c],
+                          arg[n, c] if with_arg else arg[0, 0], oh, ow)
             return
         for n in range(n_img):
             for c in range(c_in):
                 p = x[n, c]
                 if ph == 0 and pw == 0:
-                    # Without padding the inside windows are a block from (0, 0): loops
-                    # from 0 with no test in them, which LLVM vectorizes (a per-row or
-                    # per-column test, or a loop from a run-time start, made it 2-5x slower).
-                    for y in range(y_hi):
-                        b, a = best[n, c, y], arg[n, c, y] if with_arg else arg[0, 0, 0]
-                        for xx in range(x_hi):
-                            m, k = window(p, y * sh, xx * sw)
-                            b[xx] = m
-                            if with_arg:
-                                a[xx] = k
+                    block(p, best[n, c], arg[n, c] if with_arg else arg[0, 0], y_hi, x_hi)
                     for y in range(oh):  # the CEIL overhang: bottom rows, right columns
                         for xx in range(x_hi if y < y_hi else 0, ow):
                             m, k = clipped(p, y, xx, h, w)
