@@ -320,9 +320,11 @@ class _ConvolutionBase(Layer):
     # column layout (C·kh·kw, oh·ow) reads and writes the NCHW blobs directly: no layout
     # transposes, and each image's columns stay in cache. Measured on one core against the row
     # layout (half a LeNet batch): forward 0.38 vs 0.75 ms, weight gradient 0.21 vs 0.41 ms,
-    # bottom gradient 0.26 vs 0.50 ms; cifar10_quick's conv1 (1024 pixels, 75 entries) forward
-    # 6.7 vs 8.5 ms. Layers with fewer pixels than entries (LeNet's conv2: 64 and 500;
-    # cifar10_quick's conv2: 256 and 800) are faster in the row layout.
+    # bottom gradient 0.26 vs 0.50 ms; cifar10_quick's conv1 (1024 pixels, 75 entries, 50
+    # images) forward and backward 6.9 + 6.8 vs 5.3 + 9.6 ms (its forward alone is faster in
+    # rows, but a forward in rows with a backward per image gained < 1% of a step, within the
+    # noise). Layers with fewer pixels than entries (LeNet's conv2: 64 and 500; cifar10_quick's
+    # conv2: 256 and 800) are faster in the row layout.
     def _per_image(self, pixels: int) -> bool:
         k = self.conv_in * self.geom.kernel[0] * self.geom.kernel[1]
         return self.group == 1 and pixels >= max(256, k)
