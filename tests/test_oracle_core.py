@@ -178,9 +178,13 @@ CONV_CASES = [  # bottom shape, convolution_param fields
     ((8, 16, 20, 20), "num_output: 8 kernel_size: 3 pad: 1"),
     ((8, 16, 20, 20), "num_output: 8 kernel_h: 3 kernel_w: 2 stride: 2 pad: 1 dilation: 2 "
                       "group: 4"),
+    # Wide inputs: row-layout columns in (i, j, c) order (channels_last).
+    ((4, 32, 12, 12), "num_output: 8 kernel_size: 5 pad: 2"),
+    ((3, 20, 9, 10), "num_output: 4 kernel_size: 3 stride: 2 pad: 1 dilation: 2"),
 ]
 CONV_IDS = ["simple", "stride_pad", "stride_pad_hw", "rect", "dilation", "dilation_hw",
-            "group", "depthwise", "depthwise_x2", "no_bias", "1x1", "large", "large_group"]
+            "group", "depthwise", "depthwise_x2", "no_bias", "1x1", "large", "large_group",
+            "wide", "wide_dilation"]
 
 
 def _torch_conv(torch: Any, params: str) -> Callable[..., Any]:
