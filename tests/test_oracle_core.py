@@ -243,9 +243,11 @@ POOL_CASES = [  # bottom shape, (kh, kw), (sh, sw), (ph, pw), pooling_param geom
     ((8, 16, 20, 20), (3, 3), (2, 2), (1, 1), "kernel_size: 3 stride: 2 pad: 1"),
     ((8, 16, 21, 20), (2, 3), (2, 2), (0, 1),
      "kernel_h: 2 kernel_w: 3 stride: 2 pad_h: 0 pad_w: 1"),
+    # cifar10_quick's pooling: the CEIL overhang on the bottom and right (padded planes)
+    ((4, 32, 16, 16), (3, 3), (2, 2), (0, 0), "kernel_size: 3 stride: 2"),
 ]
 POOL_IDS = ["k2s2_overhang", "k3s2p1_even", "k3s2p1_odd", "dropped_window", "rect",
-            "rect_pad_h", "large", "large_rect"]
+            "rect_pad_h", "large", "large_rect", "large_overhang"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
