@@ -4,13 +4,15 @@
 
 Both nets are Caffe's own definitions (tests/fixtures/caffe), with their Data layers replaced
 by Input blobs filled once, so only the network and the solver update are timed. Each round
-times `--steps` SGD steps (momentum 0.9, weight decay 5e-4) of netforge, then of PyTorch (A B A B
-…, so machine noise hits both alike), each block after a pause (so that neither runs while the
-other's thread pool still spins) and a few untimed steps (to time the steady state); medians of
-the per-step times are compared. Inference is timed the same way (LeNet TEST-phase forward,
-batch 100). The GEMM floor is the net's multiply-add work divided by the best sgemm rate
-measured here. PyTorch is optional: without it only netforge's numbers and the floor are
-printed.
+times `--steps` SGD steps (momentum 0.9, weight decay 5e-4) of netforge, then of PyTorch
+(A B A B …, so machine noise hits both alike), each block after a pause (so that neither runs while
+the other's thread pool still spins) and a few untimed steps (to time the steady state);
+medians of the per-step times are compared ("ratio"), and the median and quartiles of the
+rounds' own ratios are printed beside it ("per round": a round times both back to back, so its
+ratio does not move with the machine's speed). Inference is timed the same way (LeNet
+TEST-phase forward, batch 100). The GEMM floor is the net's multiply-add work divided by the
+best sgemm rate measured here. PyTorch is optional: without it only netforge's numbers and the
+floor are printed.
 """
 
 from __future__ import annotations
@@ -225,7 +227,7 @@ def main() -> int:
     print(f"sgemm: {rate:.1f} GFLOP/s")
     print()
     header = (f"{'benchmark':<{LABEL}}{'netforge':>12}{'pytorch':>12}{'ratio':>8}"
-              f"{'GEMM floor':>12}{'vs floor':>10}")
+              f"{'per round':>19}{'GEMM floor':>12}{'vs floor':>10}")
     print(header)
     print("-" * len(header))
     for name in NETS:
@@ -247,11 +249,27 @@ def main() -> int:
     return 0
 
 
+def paired_ratios(ta: list[float], tb: list[float]) -> tuple[float, float, float]:
+    """The median and quartiles of the per-round ratios a/b. Each round times both frameworks
+    back to back, so a round's ratio is free of the machine's slower and faster spells that
+    move the medians of both between runs."""
+    ratios = [x / y for x, y in zip(ta, tb, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q2, q1, q3
+
+
 def row(label: str, ta: list[float], tb: list[float], floor_ms: float) -> None:
     a = median_ms(ta)
     b = median_ms(tb) if tb else float("nan")
     ratio = f"{a / b:>8.2f}" if tb else f"{'-':>8}"
-    print(f"{label:<{LABEL}}{a:>10.2f}ms{b:>10.2f}ms{ratio}{floor_ms:>10.2f}ms"
+    if tb:
+        mid, q1, q3 = paired_ratios(ta, tb)
+        rounds = f"{mid:.2f} ({q1:.2f}-{q3:.2f})"
+    else:
+        rounds = "-"
+    print(f"{label:<{LABEL}}{a:>10.2f}ms{b:>10.2f}ms{ratio}{rounds:>19}{floor_ms:>10.2f}ms"
           f"{a / floor_ms:>10.2f}")
 
 

@@ -531,3 +531,22 @@ def test_log_curve_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     empty = tmp_path / "empty.log"
     empty.write_text("nothing here\n")
     assert log_curve.main([str(empty)]) == 1
+
+
+# -- scripts/bench.py -----------------------------------------------------------------------------
+def test_bench_rows_and_paired_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    """The benchmark's ratio of medians and the median and quartiles of its per-round ratios
+    (rounds that ran in a slow spell of the machine move both frameworks' times together)."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ta = [0.010, 0.020, 0.011, 0.030, 0.012]  # netforge, seconds per step
+    tb = [0.020, 0.041, 0.020, 0.050, 0.030]  # the other framework, same rounds
+    assert bench.paired_ratios(ta, tb) == pytest.approx((0.5, 0.4878, 0.55), abs=1e-4)
+    assert bench.paired_ratios([0.01], [0.04]) == (0.25, 0.25, 0.25)
+    bench.row("lenet", ta, tb, 5.0)
+    assert capsys.readouterr().out.split() == ["lenet", "12.00ms", "30.00ms", "0.40",
+                                               "0.50", "(0.49-0.55)", "5.00ms", "2.40"]
+    bench.row("alone", ta, [], 5.0)
+    assert capsys.readouterr().out.split()[1:4] == ["12.00ms", "nanms", "-"]
