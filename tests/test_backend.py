@@ -183,8 +183,9 @@ def test_compiled_pooling_matches_numpy(pool: str, geometry: str) -> None:
 def test_pooling_padded_planes_give_the_clipped_windows_bits(
         dtype: str, shape: tuple[int, ...], geometry: tuple[int, ...]) -> None:
     """Windows past the input run over a copy of the plane with -inf (MAX) or 0 (AVE) around
-    it instead of the clipped loops: the same maxima, argmaxes (ties, -inf and NaN included),
-    averages and AVE gradients, bit for bit."""
+    it: MAX gives the clipped loops' maxima and argmaxes (ties, -inf and NaN included), AVE the
+    sums of the cells inside each window in row-major order (forward, in float64 as the kernel
+    adds) and the gradients added output by output, bit for bit."""
     from netforge.backend import kernels
 
     kh, kw, sh, sw, ph, pw = geometry
@@ -202,14 +203,30 @@ def test_pooling_padded_planes_give_the_clipped_windows_bits(
                       * (np.minimum(ws + kw, w + pw) - ws)[None, :], 1).astype(dtype)
     bounds = kernels._pool_bounds(x, dy, geometry)
     assert kernels._clipped(bounds, dy)
-    results = []
-    for padded in (True, False):
-        out = np.full(dy.shape, 5.0, dtype)
-        kernels._kernel("ave", geometry)(x, out, size, *bounds, padded)
-        dx = np.full(shape, 3.0, dtype)
-        kernels._kernel("ave_backward", geometry)(dy, dx, size, *bounds, padded)
-        results.append((out, dx))
-    for a, b in zip(*results, strict=True):
+    out = np.full(dy.shape, 5.0, dtype)
+    kernels._kernel("ave", geometry)(x, out, size, True)
+    dx = np.full(shape, 3.0, dtype)
+    kernels._kernel("ave_backward", geometry)(dy, dx, size, True)
+    # the references: each window's cells inside the input, in row-major order
+    ext_h, ext_w = (oh - 1) * sh + kh, (ow - 1) * sw + kw
+    inside = np.zeros((n, c, ext_h, ext_w), dtype=bool)
+    inside[:, :, ph:ph + h, pw:pw + w] = True
+    xpad = np.zeros((n, c, ext_h, ext_w))
+    xpad[inside] = x.reshape(-1)
+    sums = np.zeros(dy.shape)
+    for i in range(kh):
+        for j in range(kw):
+            cells = (slice(None), slice(None), slice(i, i + sh * (oh - 1) + 1, sh),
+                     slice(j, j + sw * (ow - 1) + 1, sw))
+            sums = np.where(inside[cells], sums + xpad[cells], sums)
+    want_out = (sums / size.astype(np.float64)).astype(dtype)
+    grad = np.zeros((n, c, ext_h, ext_w), dtype)
+    g = dy / size
+    for y in range(oh):
+        for xx in range(ow):
+            grad[:, :, y * sh:y * sh + kh, xx * sw:xx * sw + kw] += g[:, :, y, xx, None, None]
+    want_dx = np.ascontiguousarray(grad[:, :, ph:ph + h, pw:pw + w])
+    for a, b in ((out, want_out), (dx, want_dx)):
         assert a.tobytes() == b.tobytes()
     if not kernels._max_overhang(x, dy, geometry, bounds):
         return

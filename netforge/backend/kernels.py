@@ -244,7 +244,9 @@ def columns(image: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...], oh: 
 # per window. Instead each plane is copied into a scratch plane that has room for every window
 # and holds the neutral value outside the input (-inf for MAX, 0 for AVE), and every window
 # takes the unrolled path: the same values compared or summed in the same order, so the same
-# bits (AVE adds +0.0 for the cells outside). MAX does this only without padding, where a
+# bits (AVE adds +0.0 for the cells outside). AVE always does this, so its kernels have no
+# clipped path at all (backward on 24x24 2x2 planes 0.32 -> 0.13 ms as well, without the
+# per-window test the unpadded loop had). MAX does this only without padding, where a
 # window's first cell is always inside (its first valid value starts the comparison, as in the
 # clipped path), and only when no window lies wholly outside the input (those give -FLT_MAX
 # and no argmax). One core, 50 images, 32 channels: 3x3 stride-2 MAX on 32x32 1.61 -> 1.14 ms,
@@ -352,49 +354,26 @@ def _make_ave_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
         return s
 
     @njit(nogil=True, cache=True, inline="always")
-    def clipped(p: Any, y: int, xx: int, h: int, w: int) -> float:
-        h0, w0 = y * sh - ph, xx * sw - pw
-        s = 0.0
-        for hy in range(max(h0, 0), min(h0 + kh, h)):
-            for wx in range(max(w0, 0), min(w0 + kw, w)):
-                s += p[hy, wx]
-        return s
+    def block(p: Any, out: Any, size: Any) -> None:
+        """Every window of plane p, all inside it: branch-free loops, as in MAX."""
+        for y in range(out.shape[0]):
+            o, sz = out[y], size[y]
+            for xx in range(out.shape[1]):
+                o[xx] = window(p, y * sh, xx * sw) / sz[xx]
 
     @njit(nogil=True, cache=True)
-    def kernel(x: Any, out: Any, size: Any, y_lo: int, y_hi: int, x_lo: int,
-               x_hi: int, padded: bool) -> None:
-        n_img, c_in, h, w = x.shape
+    def kernel(x: Any, out: Any, size: Any, padded: bool) -> None:
+        n_img, c_in = x.shape[:2]
         oh, ow = out.shape[2], out.shape[3]
         if padded:  # see _padded_plane
             scratch = np.zeros(((oh - 1) * sh + kh, (ow - 1) * sw + kw), x.dtype)
             for n in range(n_img):
                 for c in range(c_in):
-                    p = _padded_plane(x[n, c], scratch, ph, pw)
-                    for y in range(oh):
-                        o, sz = out[n, c, y], size[y]
-                        for xx in range(ow):
-                            o[xx] = window(p, y * sh, xx * sw) / sz[xx]
+                    block(_padded_plane(x[n, c], scratch, ph, pw), out[n, c], size)
             return
-        for n in range(n_img):
+        for n in range(n_img):  # no padding, no window past the edge
             for c in range(c_in):
-                p = x[n, c]
-                if ph == 0 and pw == 0:  # as in MAX: the inside block first, branch-free
-                    for y in range(y_hi):
-                        o, sz = out[n, c, y], size[y]
-                        for xx in range(x_hi):
-                            o[xx] = window(p, y * sh, xx * sw) / sz[xx]
-                    for y in range(oh):
-                        for xx in range(x_hi if y < y_hi else 0, ow):
-                            out[n, c, y, xx] = clipped(p, y, xx, h, w) / size[y, xx]
-                    continue
-                for y in range(oh):
-                    o, sz = out[n, c, y], size[y]
-                    inside = y_lo <= y < y_hi
-                    for xx in range(ow):
-                        if inside and x_lo <= xx < x_hi:
-                            o[xx] = window(p, y * sh - ph, xx * sw - pw) / sz[xx]
-                        else:
-                            o[xx] = clipped(p, y, xx, h, w) / sz[xx]
+                block(x[n, c], out[n, c], size)
 
     return kernel
 
@@ -419,9 +398,18 @@ def _make_max_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
 
 
 def _make_ave_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
+    @njit(nogil=True, cache=True, inline="always")
+    def spread(d: Any, dy: Any, size: Any) -> None:
+        """Each dy / size added over its window of plane d, which holds every window."""
+        for y in range(dy.shape[0]):
+            for xx in range(dy.shape[1]):
+                g = dy[y, xx] / size[y, xx]
+                for i in range(kh):  # unrolled
+                    for j in range(kw):
+                        d[y * sh + i, xx * sw + j] += g
+
     @njit(nogil=True, cache=True)
-    def kernel(dy: Any, dx: Any, size: Any, y_lo: int, y_hi: int, x_lo: int, x_hi: int,
-               padded: bool) -> None:
+    def kernel(dy: Any, dx: Any, size: Any, padded: bool) -> None:
         n_img, c_in, h, w = dx.shape
         oh, ow = dy.shape[2], dy.shape[3]
         if padded:  # the same sums in the same order, into a plane with room for every window
@@ -430,12 +418,7 @@ def _make_ave_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
             for n in range(n_img):
                 for c in range(c_in):
                     scratch[:, :] = 0.0
-                    for y in range(oh):
-                        for xx in range(ow):
-                            g = dy[n, c, y, xx] / size[y, xx]
-                            for i in range(kh):  # unrolled
-                                for j in range(kw):
-                                    scratch[y * sh + i, xx * sw + j] += g
+                    spread(scratch, dy[n, c], size)
                     d = dx[n, c]
                     for y in range(rows):
                         src, dst = scratch[y + ph], d[y]
@@ -446,24 +429,11 @@ def _make_ave_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
                     for y in range(rows, h):
                         d[y, :] = 0.0
             return
-        for n in range(n_img):
+        for n in range(n_img):  # no padding, no window past the edge
             for c in range(c_in):
                 d = dx[n, c]
                 d[:, :] = 0.0
-                for y in range(oh):
-                    h0 = y * sh - ph
-                    inside = y_lo <= y < y_hi
-                    for xx in range(ow):
-                        w0 = xx * sw - pw
-                        g = dy[n, c, y, xx] / size[y, xx]
-                        if inside and x_lo <= xx < x_hi:
-                            for i in range(kh):  # unrolled
-                                for j in range(kw):
-                                    d[h0 + i, w0 + j] += g
-                        else:
-                            for hy in range(max(h0, 0), min(h0 + kh, h)):
-                                for wx in range(max(w0, 0), min(w0 + kw, w)):
-                                    d[hy, wx] += g
+                spread(d, dy[n, c], size)
 
     return kernel
 
@@ -575,15 +545,13 @@ def max_pool_backward(dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
 def ave_pool(x: np.ndarray, out: np.ndarray, size: np.ndarray,
              geometry: tuple[int, ...]) -> None:
     x = np.ascontiguousarray(x)
-    bounds = _pool_bounds(x, out, geometry)
-    _kernel("ave", geometry)(x, out, size, *bounds, _clipped(bounds, out))
+    _kernel("ave", geometry)(x, out, size, _clipped(_pool_bounds(x, out, geometry), out))
 
 
 def ave_pool_backward(dy: np.ndarray, dx: np.ndarray, size: np.ndarray,
                       geometry: tuple[int, ...]) -> None:
     dy = np.ascontiguousarray(dy)
-    bounds = _pool_bounds(dx, dy, geometry)
-    _kernel("ave_backward", geometry)(dy, dx, size, *bounds, _clipped(bounds, dy))
+    _kernel("ave_backward", geometry)(dy, dx, size, _clipped(_pool_bounds(dx, dy, geometry), dy))
 
 
 # -- ReLU ------------------------------------------------------------------------------------
