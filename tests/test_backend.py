@@ -725,3 +725,106 @@ def test_compiled_relu_matches_numpy_bit_for_bit(dtype: str, slope: float) -> No
         grad = dy.copy()
         fast.relu_backward(inplace, grad, grad, slope)
         assert grad.tobytes() == dwant.tobytes()
+
+
+fused_available = pytest.mark.skipif(not NumpyBackend().fuses_conv("float32"),
+                                     reason="needs numba and NumPy's OpenBLAS (blas.gemm)")
+
+
+@fused_available
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", ["images", "rows", "hwc"])
+@pytest.mark.parametrize("case", [BIG[0], BIG[3]])  # each case compiles kernels (~1 s)
+def test_fused_convolution_forward_gives_the_unfused_bits(
+        case: tuple[int, ...], layout: str, dtype: str) -> None:
+    """conv_forward_* as one compiled call (im2col, OpenBLAS's GEMM, layout change and bias a
+    block of images at a time) against the same steps made one after another over the whole
+    batch (the Backend defaults): the same columns and, per image, the same bits (the row
+    layout's GEMM over a block's rows may round differently in the last bit), with every
+    image's columns left in a full buffer and with block-sized scratch, with and without a
+    bias, blocks that do not divide the batch."""
+    from netforge.backend.base import Backend
+    from netforge.backend.numpy_backend import conv_out_size
+
+    n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw = case
+    geometry = case[4:]
+    fast = NumpyBackend(dtype)
+    fast.compiled_min = 1  # every size takes the compiled path
+    rng = np.random.default_rng(21)
+    x = rng.normal(size=(n, c, h, w)).astype(dtype)
+    k, o = c * kh * kw, 7
+    p = conv_out_size(h, kh, sh, ph, dh) * conv_out_size(w, kw, sw, pw, dw)
+    w2 = rng.normal(size=(o, k)).astype(dtype)
+    assert fast._fused_gemm(x, w2) is not None
+    tol = 1e-4 if dtype == "float32" else 1e-12  # sums of up to 400 products ~1
+    for block_bytes in (1, 3 * k * p * x.itemsize):  # blocks of 1 image, of 3 (n is even)
+        fast.block_bytes = block_bytes
+        block = fast.conv_block(n, k * p * x.itemsize)
+        assert block == max(1, block_bytes // (k * p * x.itemsize)) and n % block in (0, n % 3)
+        for bias in (rng.normal(size=o).astype(dtype), None):
+            want = np.full((n, o, p), 3.0, dtype)
+            got = np.full((n, o, p), 4.0, dtype)
+            if layout == "images":
+                full = np.full((n, k, p), 5.0, dtype)
+                Backend.conv_forward_images(fast, x, w2, bias, want, full, geometry)
+                for cols in (np.full((n, k, p), 6.0, dtype), np.empty((1, k, p), dtype)):
+                    got[...] = 4.0
+                    fast.conv_forward_images(x, w2, bias, got, cols, geometry)
+                    assert got.tobytes() == want.tobytes()
+                    if cols.shape[0] == n:  # kept for backward: every image's columns
+                        assert cols.tobytes() == full.tobytes()
+            else:
+                last = layout == "hwc"
+                wt = np.ascontiguousarray(w2.T)
+                full = np.full((n * p, k), 5.0, dtype)
+                Backend.conv_forward_rows(fast, x, wt, bias, want, full,
+                                          np.empty((n * p, o), dtype), geometry, last)
+                buffers = ((np.full((n * p, k), 6.0, dtype), np.empty((n * p, o), dtype)),
+                           (np.empty((block * p, k), dtype), np.empty((block * p, o), dtype)))
+                for cols, rows in buffers:
+                    got[...] = 4.0
+                    fast.conv_forward_rows(x, wt, bias, got, cols, rows, geometry, last)
+                    # OpenBLAS may round a GEMM over fewer rows differently in the last bit
+                    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+                    if cols.shape[0] == n * p:
+                        assert cols.tobytes() == full.tobytes()
+
+
+@fused_available
+@pytest.mark.parametrize("phase", ["TRAIN", "TEST"])
+@pytest.mark.parametrize(("channels", "size", "params"), [
+    (1, 20, "num_output: 6 kernel_size: 5"),  # per image (LeNet's conv1)
+    (6, 10, "num_output: 5 kernel_size: 3 pad: 1"),  # rows, (c, i, j)
+    (32, 9, "num_output: 4 kernel_size: 3 stride: 2 pad: 1")])  # rows, (i, j, c)
+def test_convolution_with_the_fused_forward_matches_numpy(phase: str, channels: int, size: int,
+                                                          params: str) -> None:
+    """A Convolution on the fused forward (two workers) against the same layer on NumPy
+    alone: outputs, and the gradients made from the columns the fused forward kept (TRAIN) or
+    that backward recomputed."""
+    from netforge.layers.base import PHASE_TEST, PHASE_TRAIN
+    from tests.helpers import blob, make_layer, tops
+
+    fused = NumpyBackend("float64", workers=2)
+    fused.compiled_min = 1
+    x = np.random.default_rng(31).normal(size=(6, channels, size, size))
+    results = []
+    for backend in (fused, NumpyBackend("float64", compiled=False, workers=1)):
+        layer = make_layer("Convolution", f"convolution_param {{ {params} "
+                           "weight_filler { type: 'gaussian' } bias_filler { type: 'gaussian' } }",
+                           phase=PHASE_TRAIN if phase == "TRAIN" else PHASE_TEST)
+        layer.backend = backend
+        bottom, top = [blob(data=x.copy())], tops(1)
+        layer.setup(bottom, top)
+        layer.reshape(bottom, top)
+        layer.forward(bottom, top)
+        kept = getattr(layer, "_kept", {})
+        assert (bool(kept) and backend is fused) == (phase == "TRAIN" and backend is fused)
+        top[0].diff[...] = np.random.default_rng(32).normal(size=top[0].shape)
+        layer.backward(top, [True], bottom)
+        results.append((top[0].data.copy(), bottom[0].diff.copy(),
+                        [b.diff.copy() for b in layer.blobs]))
+    (y1, dx1, g1), (y2, dx2, g2) = results
+    np.testing.assert_allclose(y1, y2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx1, dx2, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g1, g2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)

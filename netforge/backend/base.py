@@ -117,6 +117,40 @@ class Backend(ABC):
         n, c, p = images.shape
         out.reshape(n, p, c)[...] = images.transpose(0, 2, 1)
 
+    # -- a convolution's forward: columns, GEMM and layout change in one call --------------------
+    def fuses_conv(self, dtype: Any) -> bool:
+        """Whether conv_forward_* make the columns a block of images at a time."""
+        return False
+
+    def conv_block(self, n: int, image_bytes: int) -> int:
+        """How many of ``n`` images' columns (``image_bytes`` each) a convolution forward
+        needs at once when it keeps none for backward: the column (and row) buffers it is
+        given hold this many. All of them here; a backend that fuses the steps per block of
+        images needs fewer."""
+        return n
+
+    def conv_forward_images(self, x: Any, w: Any, bias: Any, y: Any, cols: Any,
+                            geometry: tuple[int, ...]) -> None:
+        """y (N, O, P) = w (O, K) · im2col(x)ₙ (+ ``bias`` per channel unless None) for every
+        image n of x (N, C, H, W); geometry = (kh, kw, sh, sw, ph, pw, dh, dw). ``cols``
+        (N, K, P) is left holding every image's columns; a smaller one is scratch."""
+        full = cols if cols.shape[0] == x.shape[0] else None
+        col = self.im2col(x, *geometry, out=full)
+        self.xp.matmul(w, col, out=y)
+        if bias is not None:
+            y += bias.reshape(1, -1, 1)
+
+    def conv_forward_rows(self, x: Any, wt: Any, bias: Any, y: Any, cols: Any, rows: Any,
+                          geometry: tuple[int, ...], channels_last: bool) -> None:
+        """y (N, O, P) = (im2col_rows(x) · wt (K, O)) per image transposed (+ ``bias``).
+        ``cols`` (N·P, K) is left holding the rows of columns and ``rows`` (N·P, O) the
+        products; smaller ones (``conv_block`` images) are scratch."""
+        n, p = x.shape[0], y.shape[2]
+        full = cols if cols.shape[0] == n * p else None
+        col = self.im2col_rows(x, *geometry, out=full, channels_last=channels_last)
+        out = rows if rows.shape[0] == n * p else None
+        self.rows_to_images(self.xp.matmul(col, wt, out=out), bias, y)
+
     # -- ReLU, written into a given array (in place when it is the input) -----------------------
     def relu(self, x: Any, y: Any, slope: float) -> None:
         """y = x where x > 0, else slope·x (Caffe's max(x, 0) + slope·min(x, 0))."""

@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover
 # 0.05 ms with unsigned ones.
 
 _made: dict[tuple[Any, ...], Any] = {}
-_made_lock = threading.Lock()
+_made_lock = threading.RLock()  # factories ask for the kernels they call
 
 
 def _interior(n_out: int, size: int, extent: int, s: int, p: int) -> tuple[int, int]:
@@ -63,7 +63,24 @@ def _kernel(kind: str, geometry: tuple[int, ...]) -> Any:
             kernel = _made.get(key)
             if kernel is None:
                 kernel = _made[key] = _FACTORIES[kind](*geometry)
+                _stable_uuids(kernel, "netforge.kernels:" + ":".join(map(str, key)))
     return kernel
+
+
+# numba's on-disk cache finds a closure's compiled code by a hash of its cells pickled, and a
+# numba function pickles with a uuid drawn anew in each process: a kernel whose closure holds
+# another compiled function (pooling's window helpers, the fused convolutions' im2col) was
+# compiled again in every process (~1 s each). Each such function gets a uuid derived from the
+# key that made it instead, which is the same in every process.
+def _stable_uuids(kernel: Any, name: str) -> None:
+    for cell in kernel.py_func.__closure__ or ():
+        inner = cell.cell_contents
+        if hasattr(inner, "py_func"):
+            _stable_uuids(inner, f"{name}/{inner.py_func.__name__}")
+    try:
+        kernel._set_uuid(name)
+    except (AssertionError, AttributeError):  # set already (made by _kernel), or another numba
+        pass
 
 
 # -- im2col and its adjoint col2im, in two column layouts ------------------------------------------
@@ -484,7 +501,114 @@ def images_to_rows(images: np.ndarray, out: np.ndarray) -> None:
     _images_to_rows(images, out)
 
 
+# -- a convolution's forward, fused per block of images ------------------------------------------
+#
+# im2col, the GEMM (OpenBLAS's, called from here: blas.py) and the layout change (or bias) for a
+# few images at a time, so each block's columns are read by the GEMM while they are still in
+# the core's cache, and the whole part is one GIL-free call. The same operations on the same
+# values as the unfused path (columns, then C = cols · W with beta 0, then the bias added): per
+# image the same bits; OpenBLAS may round a GEMM over a block's rows differently in the last
+# bit from one over the whole part's.
+
+def _make_conv_images(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
+                      dw: int) -> Any:
+    """Per image: cols[n] = im2col(x[n]) (K, P); y[n] (O, P) = w (O, K) · cols[n] (+ bias).
+    ``cols`` holds every image's columns (N, K, P) or one image's (1, K, P) as scratch."""
+    im2col = _kernel("im2col_images", (kh, kw, sh, sw, ph, pw, dh, dw))
+
+    @njit(nogil=True, cache=True)
+    def kernel(gemm: Any, x: Any, w: Any, bias: Any, with_bias: bool, y: Any, cols: Any,
+               oh: int, ow: int, x_lo: int, x_hi: int) -> None:
+        n_img = x.shape[0]
+        o_n, k = w.shape
+        p = oh * ow
+        one, zero = w.dtype.type(1.0), w.dtype.type(0.0)
+        for n in range(n_img):
+            col = cols[n:n + 1] if cols.shape[0] == n_img else cols[0:1]
+            im2col(x[n:n + 1], col, oh, ow, x_lo, x_hi)
+            out = y[n]
+            gemm(101, 111, 111, o_n, p, k, one, w.ctypes.data, k, col.ctypes.data, p,
+                 zero, out.ctypes.data, p)
+            if with_bias:
+                for o in range(o_n):
+                    b, line = bias[o], out[o]
+                    for q in range(p):
+                        line[q] += b
+
+    return kernel
+
+
+def _make_conv_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
+                    channels_last: bool) -> Any:
+    """Per block of images: cols = im2col rows of x[block] (block·P, K); rows = cols · wt
+    (block·P, O); y[block] (O, P per image) = rows transposed (+ bias). ``cols`` holds every
+    image's rows (N·P, K) or one block's as scratch; ``rows`` one block's."""
+    geometry = (kh, kw, sh, sw, ph, pw, dh, dw)
+    layout = _kernel("im2col_hwc" if channels_last else "im2col_rows", geometry)
+    with_bias, without = _kernel("rows_to_images", (True,)), _kernel("rows_to_images", (False,))
+
+    @njit(nogil=True, cache=True)
+    def im2col(image: Any, cols: Any, oh: int, ow: int, bounds: Any) -> None:
+        if channels_last:
+            layout(image, cols, oh, ow)
+        else:
+            layout(image, cols, oh, ow, bounds[0], bounds[1], bounds[2], bounds[3])
+
+    @njit(nogil=True, cache=True)
+    def kernel(gemm: Any, x: Any, wt: Any, bias: Any, has_bias: bool, y: Any, cols: Any,
+               rows: Any, block: int, oh: int, ow: int, bounds: Any) -> None:
+        n_img = x.shape[0]
+        k, o_n = wt.shape
+        p = oh * ow
+        one, zero = wt.dtype.type(1.0), wt.dtype.type(0.0)
+        for n0 in range(0, n_img, block):
+            n1 = min(n0 + block, n_img)
+            at = n0 * p if cols.shape[0] == n_img * p else 0
+            col = cols[at:at + (n1 - n0) * p]
+            out = rows[:(n1 - n0) * p]
+            im2col(x[n0:n1], col, oh, ow, bounds)
+            gemm(101, 111, 111, (n1 - n0) * p, o_n, k, one, col.ctypes.data, k,
+                 wt.ctypes.data, o_n, zero, out.ctypes.data, o_n)
+            if has_bias:
+                with_bias(out, bias, y[n0:n1])
+            else:
+                without(out, bias, y[n0:n1])
+
+    return kernel
+
+
+def conv_forward_images(gemm: Any, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
+                        y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...]) -> None:
+    """y (N, O, P) = w (O, K) · im2col(x)ₙ (+ bias) per image, its columns written into
+    ``cols`` (N, K, P) or (1, K, P); contiguous arrays of one dtype, ``gemm`` its CBLAS GEMM."""
+    oh, ow = _out_hw(x, geometry)
+    _kernel("conv_images", geometry)(gemm, x, w, w[0] if bias is None else bias,
+                                     bias is not None, y, cols, oh, ow,
+                                     *_column_bounds(x.shape[3], ow, geometry))
+
+
+def conv_forward_rows(gemm: Any, x: np.ndarray, wt: np.ndarray, bias: np.ndarray | None,
+                      y: np.ndarray, cols: np.ndarray, rows: np.ndarray, block: int,
+                      geometry: tuple[int, ...], channels_last: bool) -> None:
+    """y (N, O, P) = (im2col rows of x) · wt (K, O) (+ bias), ``block`` images at a time; the
+    rows written into ``cols`` (N·P, K) or (block·P, K), the products into ``rows``
+    (block·P, O); contiguous arrays of one dtype."""
+    oh, ow = _out_hw(x, geometry)
+    bounds = np.array(_window_bounds(x.shape[2], x.shape[3], oh, ow, geometry), np.int64)
+    _kernel("conv_rows", (*geometry, channels_last))(
+        gemm, x, wt, wt[0] if bias is None else bias, bias is not None, y, cols, rows, block,
+        oh, ow, bounds)
+
+
+def _out_hw(x: np.ndarray, geometry: tuple[int, ...]) -> tuple[int, int]:
+    kh, kw, sh, sw, ph, pw, dh, dw = geometry
+    return ((x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+            (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
 _FACTORIES: dict[str, Any] = {
+    "conv_images": _make_conv_images,
+    "conv_rows": _make_conv_rows,
     "rows_to_images": _make_rows_to_images,
     "im2col_rows": lambda *g: _make_rows(*g, adjoint=False),
     "col2im_rows": lambda *g: _make_rows(*g, adjoint=True),

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from netforge.backend import kernels
+from netforge.backend import blas, kernels
 from netforge.backend.base import Backend, T
 from netforge.backend.threads import shared_pool
 
@@ -198,6 +198,51 @@ class NumpyBackend(Backend):
             kernels.images_to_rows(images, out)
         else:
             super().images_to_rows(images, out)
+
+    # A convolution's forward as one compiled call per part: im2col, OpenBLAS's GEMM and the
+    # layout change for a block of images at a time (one image in Caffe's per-image layout), so
+    # the GEMM reads columns still in the core's cache and the part never takes the GIL back.
+    # Blocks of about this many bytes of columns (half of Zen 4's 1 MB L2).
+    block_bytes = 1 << 19
+
+    def _fused_gemm(self, *arrays: np.ndarray | None) -> Any:
+        """CBLAS's GEMM for the arrays' dtype when the fused kernels can run on them."""
+        first = arrays[0]
+        assert first is not None
+        if not (self.use_compiled(first.size) and _contiguous(*arrays)) or any(
+                a is not None and a.dtype != first.dtype for a in arrays):
+            return None
+        return blas.gemm(first.dtype.name)
+
+    def fuses_conv(self, dtype: Any) -> bool:
+        return self.compiled and blas.gemm(np.dtype(dtype).name) is not None
+
+    def conv_block(self, n: int, image_bytes: int) -> int:
+        if not self.fuses_conv(self.dtype):
+            return n
+        return min(n, max(1, self.block_bytes // max(image_bytes, 1)))
+
+    def conv_forward_images(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
+                            y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...]) -> None:
+        gemm = self._fused_gemm(y, x, w, bias, cols)
+        if gemm is None:
+            super().conv_forward_images(x, w, bias, y, cols, geometry)
+        else:
+            kernels.conv_forward_images(gemm, x, w, bias, y, cols, geometry)
+
+    def conv_forward_rows(self, x: np.ndarray, wt: np.ndarray, bias: np.ndarray | None,
+                          y: np.ndarray, cols: np.ndarray, rows: np.ndarray,
+                          geometry: tuple[int, ...], channels_last: bool) -> None:
+        gemm = self._fused_gemm(y, x, wt, bias, cols, rows)
+        if gemm is None:
+            super().conv_forward_rows(x, wt, bias, y, cols, rows, geometry, channels_last)
+            return
+        n, p = x.shape[0], y.shape[2]
+        block = self.conv_block(n, cols.shape[1] * p * cols.itemsize)
+        if min(cols.shape[0], rows.shape[0]) < block * p:
+            raise ValueError(f"conv_forward_rows: buffers for {block} images needed")
+        kernels.conv_forward_rows(gemm, x, wt, bias, y, cols, rows, block, geometry,
+                                  channels_last)
 
     # ReLU as one compiled pass per part of the flattened array, on every worker (NumPy's
     # expressions make temporaries and run on one core): cifar10_quick's three ReLUs (26 MB

@@ -20,8 +20,6 @@ process may use; 1 turns batch parallelism off).
 
 from __future__ import annotations
 
-import ctypes
-import glob
 import os
 import threading
 import weakref
@@ -31,29 +29,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from netforge.backend import kernels
+from netforge.backend import blas, kernels
 from netforge.errors import ConfigError
 
 T = TypeVar("T")
-
-
-def _blas_thread_setter() -> Callable[[int], int] | None:
-    """OpenBLAS's ``openblas_set_num_threads_local`` from the library NumPy links, or None."""
-    base = os.path.dirname(np.__file__)
-    candidates = [
-        *glob.glob(os.path.join(base, "..", "numpy.libs", "*openblas*")),  # Linux wheels
-        *glob.glob(os.path.join(base, ".dylibs", "*openblas*")),  # macOS wheels
-        *glob.glob(os.path.join(base, "..", "numpy.libs", "*.dll")),  # Windows wheels
-    ]
-    for path in candidates:
-        try:
-            lib = ctypes.CDLL(path)
-            setter = lib.openblas_set_num_threads_local
-        except (OSError, AttributeError):
-            continue
-        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
-        return setter  # type: ignore[no-any-return]
-    return None
 
 
 def _default_workers() -> int:
@@ -116,7 +95,7 @@ class BatchPool:
     """
 
     def __init__(self, workers: int | None = None):
-        self._set_blas = _blas_thread_setter()
+        self._set_blas = blas.thread_setter()
         wanted = _default_workers() if workers is None else max(1, workers)
         self.workers = wanted if self._set_blas is not None else 1
         self._reset()

@@ -277,6 +277,29 @@ class _ConvolutionBase(Layer):
         width = a.shape[1] // self.group
         return a[:, i * width:(i + 1) * width]
 
+    def _forward_part(self, x: Any, y: Any, key: str, slot: int, per_image: bool, wt: Any,
+                      keep: bool) -> Any:
+        """y = W ⋆ x + b for a part of the batch (no groups) in one backend call, which may
+        make the columns a few images at a time; returns the buffer ``key`` holding all of
+        the part's columns when ``keep``, else scratch."""
+        g = self.geom
+        n, p = x.shape[0], y.shape[2] * y.shape[3]
+        k = self.conv_in * g.kernel[0] * g.kernel[1]
+        images = n if keep else self.backend.conv_block(n, k * p * x.itemsize)
+        bias = self.blobs[1].data if self.bias_term else None
+        geometry = (*g.kernel, *g.stride, *g.pad, *g.dilation)
+        out = y.reshape(n, self.conv_out, p)
+        if per_image:
+            cols = self.buffer(key, (images, k, p))
+            self.backend.conv_forward_images(x, self.blobs[0].data.reshape(self.conv_out, -1),
+                                             bias, out, cols, geometry)
+        else:
+            cols = self.buffer(key, (images * p, k))
+            rows = self.buffer(f"apply.{slot}", (images * p, self.conv_out))
+            self.backend.conv_forward_rows(x, wt[0], bias, out, cols, rows, geometry,
+                                           self.channels_last)
+        return cols
+
     def _apply(self, col: Any, wt: Any, out: Any, slot: int = 0, bias: bool = False) -> None:
         """out (N, conv_out, oh, ow) = col · Wᵀ (+ b), for rows of a convolution-view input."""
         n = out.shape[0]
@@ -328,13 +351,6 @@ class _ConvolutionBase(Layer):
     def _per_image(self, pixels: int) -> bool:
         k = self.conv_in * self.geom.kernel[0] * self.geom.kernel[1]
         return self.group == 1 and pixels >= max(256, k)
-
-    def _apply_images(self, col: Any, out: Any) -> None:
-        """out (N, conv_out, oh, ow) = W · colₙ per image (+ b)."""
-        n = out.shape[0]
-        w = self.blobs[0].data.reshape(self.conv_out, -1)
-        self.xp.matmul(w, col, out=out.reshape(n, self.conv_out, -1))
-        self._add_bias(out)
 
     def _weight_grad_images(self, col: Any, dy: Any, slot: int, part: int) -> Any:
         """Σₙ dyₙ · colₙᵀ for dy (N, conv_out, P) and col (N, K, P), made as (colₙ · dyₙᵀ)ᵀ:
@@ -394,19 +410,26 @@ class Convolution(_ConvolutionBase):
         wt = None if per_image else self._weights_t()
         for i, (b, t) in enumerate(zip(bottom, top, strict=True)):
             x, y, parts = b.data, t.data, self._parts(b.data)
+            # one part per worker in TRAIN: each part's columns have a buffer of their own,
+            # kept for backward
+            keep = len(parts) <= self.backend.workers and self.phase == PHASE_TRAIN
+            if not keep and self.group == 1 and self.backend.fuses_conv(x.dtype):
+                # the backend makes the columns a block at a time, in cache: parts of the
+                # column budget would only add calls
+                parts = self.backend.batch_parts(x.shape[0], self._cost(x))
 
             def run(slot: int, k: int, x: Any = x, y: Any = y, parts: list[slice] = parts,
-                    i: int = i, per_image: bool = per_image) -> Any:
-                col = self._cols(x[parts[k]], f"col{i}.{slot}", per_image)
-                if per_image:
-                    self._apply_images(col, y[parts[k]])
-                else:
+                    i: int = i, per_image: bool = per_image, keep: bool = keep) -> Any:
+                if self.group > 1:
+                    col = self._cols(x[parts[k]], f"col{i}.{slot}")
                     self._apply(col, wt, y[parts[k]], slot, bias=True)
-                return col
+                    return col
+                return self._forward_part(x[parts[k]], y[parts[k]], f"col{i}.{slot}", slot,
+                                          per_image, wt, keep)
 
             cols = self.backend.parallel(run, len(parts), self._cost(x))
-            if len(parts) <= self.backend.workers and self.phase == PHASE_TRAIN:
-                self._kept[i] = cols  # one part per worker: no buffer was reused
+            if keep:
+                self._kept[i] = cols
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
