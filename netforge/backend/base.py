@@ -151,6 +151,26 @@ class Backend(ABC):
         out = rows if rows.shape[0] == n * p else None
         self.rows_to_images(self.xp.matmul(col, wt, out=out), bias, y)
 
+    def conv_backward_rows(self, x: Any, dy: Any, w: Any, dw: Any, dx: Any, cols: Any,
+                           rows: Any, geometry: tuple[int, ...], channels_last: bool,
+                           recompute: bool) -> None:
+        """For dy (N, O, P) as rows R (N·P, O): dw (O, K) = Rᵀ · cols and, unless dx is None,
+        dx (N, C, H, W) = col2im_rows(R · w (O, K)). ``cols`` holds the im2col rows of x
+        (N·P, K) kept from forward (used up when dx is made), or with ``recompute`` is a
+        buffer to make them in again, which like ``rows`` may be smaller (conv_block
+        images)."""
+        n, p = dy.shape[0], dy.shape[2]
+        col = cols
+        if recompute:
+            full = cols if cols.shape[0] == n * p else None
+            col = self.im2col_rows(x, *geometry, out=full, channels_last=channels_last)
+        r = rows if rows.shape[0] == n * p else self.empty((n * p, dy.shape[1]), dy.dtype)
+        self.images_to_rows(dy, r)
+        self.xp.matmul(r.T, col, out=dw)
+        if dx is not None:
+            self.col2im_rows(self.xp.matmul(r, w, out=col), dx.shape, *geometry, out=dx,
+                             channels_last=channels_last)
+
     # -- ReLU, written into a given array (in place when it is the input) -----------------------
     def relu(self, x: Any, y: Any, slope: float) -> None:
         """y = x where x > 0, else slope·x (Caffe's max(x, 0) + slope·min(x, 0))."""

@@ -577,6 +577,68 @@ def _make_conv_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: in
     return kernel
 
 
+def _make_conv_rows_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
+                             dw: int, channels_last: bool) -> Any:
+    """Per block of images: rows = dy[block] as rows (block·P, O); dW (O, K) += rowsᵀ · cols
+    (the block's im2col rows, kept from forward or made again here); with ``down``, cols =
+    rows · W and dx[block] = col2im(cols). ``cols`` holds every image's rows (kept) or one
+    block's (scratch, with ``recompute``)."""
+    geometry = (kh, kw, sh, sw, ph, pw, dh, dw)
+    name = "hwc" if channels_last else "rows"
+    forward, adjoint = _kernel("im2col_" + name, geometry), _kernel("col2im_" + name, geometry)
+
+    @njit(nogil=True, cache=True)
+    def columns(image: Any, cols: Any, oh: int, ow: int, bounds: Any, back: bool) -> None:
+        if channels_last:  # a constant: numba drops the other branch
+            if back:
+                adjoint(image, cols, oh, ow)
+            else:
+                forward(image, cols, oh, ow)
+        elif back:
+            adjoint(image, cols, oh, ow, bounds[0], bounds[1], bounds[2], bounds[3])
+        else:
+            forward(image, cols, oh, ow, bounds[0], bounds[1], bounds[2], bounds[3])
+
+    @njit(nogil=True, cache=True)
+    def kernel(gemm: Any, x: Any, dy: Any, w: Any, dw: Any, dx: Any, down: bool, cols: Any,
+               rows: Any, recompute: bool, block: int, oh: int, ow: int, bounds: Any) -> None:
+        n_img = dy.shape[0]
+        o_n, k = w.shape
+        p = oh * ow
+        one, zero = w.dtype.type(1.0), w.dtype.type(0.0)
+        for n0 in range(0, n_img, block):
+            n1 = min(n0 + block, n_img)
+            m = (n1 - n0) * p
+            at = 0 if recompute else n0 * p
+            col, r = cols[at:at + m], rows[:m]
+            if recompute:
+                columns(x[n0:n1], col, oh, ow, bounds, False)
+            _images_to_rows(dy[n0:n1], r)
+            gemm(101, 112, 111, o_n, k, m, one, r.ctypes.data, o_n, col.ctypes.data, k,
+                 zero if n0 == 0 else one, dw.ctypes.data, k)
+            if down:  # the block's columns are used up: they take the column gradient
+                gemm(101, 111, 111, m, k, o_n, one, r.ctypes.data, o_n, w.ctypes.data, k,
+                     zero, col.ctypes.data, k)
+                columns(dx[n0:n1], col, oh, ow, bounds, True)
+
+    return kernel
+
+
+def conv_backward_rows(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray, dw: np.ndarray,
+                       dx: np.ndarray | None, cols: np.ndarray, rows: np.ndarray,
+                       recompute: bool, block: int, geometry: tuple[int, ...],
+                       channels_last: bool) -> None:
+    """dW (O, K) = Σ rowsᵀ · cols and, unless ``dx`` is None, dx = col2im(rows · w), for dy
+    (N, O, P) as rows, ``block`` images at a time; ``cols`` holds the kept im2col rows of x
+    (N·P, K), or is block-sized scratch they are made in again (``recompute``); contiguous
+    arrays of one dtype."""
+    oh, ow = _out_hw(x, geometry)
+    bounds = np.array(_window_bounds(x.shape[2], x.shape[3], oh, ow, geometry), np.int64)
+    _kernel("conv_rows_backward", (*geometry, channels_last))(
+        gemm, x, dy, w, dw, x if dx is None else dx, dx is not None, cols, rows, recompute,
+        block, oh, ow, bounds)
+
+
 def conv_forward_images(gemm: Any, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
                         y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...]) -> None:
     """y (N, O, P) = w (O, K) · im2col(x)ₙ (+ bias) per image, its columns written into
@@ -609,6 +671,7 @@ def _out_hw(x: np.ndarray, geometry: tuple[int, ...]) -> tuple[int, int]:
 _FACTORIES: dict[str, Any] = {
     "conv_images": _make_conv_images,
     "conv_rows": _make_conv_rows,
+    "conv_rows_backward": _make_conv_rows_backward,
     "rows_to_images": _make_rows_to_images,
     "im2col_rows": lambda *g: _make_rows(*g, adjoint=False),
     "col2im_rows": lambda *g: _make_rows(*g, adjoint=True),

@@ -244,6 +244,23 @@ class NumpyBackend(Backend):
         kernels.conv_forward_rows(gemm, x, wt, bias, y, cols, rows, block, geometry,
                                   channels_last)
 
+    def conv_backward_rows(self, x: np.ndarray, dy: np.ndarray, w: np.ndarray, dw: np.ndarray,
+                           dx: np.ndarray | None, cols: np.ndarray, rows: np.ndarray,
+                           geometry: tuple[int, ...], channels_last: bool,
+                           recompute: bool) -> None:
+        gemm = self._fused_gemm(dy, x, w, dw, dx, cols, rows)
+        if gemm is None:
+            super().conv_backward_rows(x, dy, w, dw, dx, cols, rows, geometry, channels_last,
+                                       recompute)
+            return
+        n, p = dy.shape[0], dy.shape[2]
+        block = self.conv_block(n, cols.shape[1] * p * cols.itemsize)
+        if min(cols.shape[0], rows.shape[0]) < block * p or (
+                not recompute and cols.shape[0] != n * p):
+            raise ValueError(f"conv_backward_rows: buffers for {block} images needed")
+        kernels.conv_backward_rows(gemm, x, dy, w, dw, dx, cols, rows, recompute, block,
+                                   geometry, channels_last)
+
     # ReLU as one compiled pass per part of the flattened array, on every worker (NumPy's
     # expressions make temporaries and run on one core): cifar10_quick's three ReLUs (26 MB
     # of activations and gradients a step) took ~5.7 ms less a step in an in-process A/B.

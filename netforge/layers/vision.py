@@ -324,6 +324,34 @@ class _ConvolutionBase(Layer):
         self.backend.col2im_rows(dcol, out.shape, *geom.kernel, *geom.stride, *geom.pad,
                                  *geom.dilation, out=out, channels_last=self.channels_last)
 
+    def _backward_part(self, x: Any, dy: Any, dx: Any, cols: Any, key: str, slot: int,
+                       part: int, w: Any) -> Any:
+        """dW for a part of the batch (rows, no groups) and dx unless it is None, in one
+        backend call; ``cols`` are the part's columns kept from forward, or None (made again
+        a block of images at a time in the buffer ``key``). Returns dW in the blob's order."""
+        g = self.geom
+        n, p = x.shape[0], dy.shape[2] * dy.shape[3]
+        k = self.conv_in * g.kernel[0] * g.kernel[1]
+        block = self.backend.conv_block(n, k * p * x.itemsize)
+        recompute = cols is None
+        if recompute:
+            cols = self.buffer(key, (block * p, k))
+        rows = self.buffer(f"dy.{slot}", (block * p, self.conv_out))
+        dw = self.buffer(f"dw.{part}", (1, self.conv_out, k))
+        w = self.blobs[0].data.reshape(1, self.conv_out, k) if w is None else w
+        self.backend.conv_backward_rows(x, dy.reshape(n, self.conv_out, p), w[0], dw[0], dx,
+                                        cols, rows, (*g.kernel, *g.stride, *g.pad,
+                                                     *g.dilation),
+                                        self.channels_last, recompute)
+        return self._in_blob_order(dw)
+
+    def _in_blob_order(self, dw: Any) -> Any:
+        """A weight gradient made in the column entries' order, as the blob's (a view)."""
+        if self.channels_last:  # (o, i, j, c) -> the blob's (o, c, i, j)
+            kh, kw = self.geom.kernel
+            return dw.reshape(self.conv_out, kh, kw, -1).transpose(0, 3, 1, 2)
+        return dw
+
     # Gradients of the weights and bias are made per part (in buffers keyed by the part) and
     # summed in part order by _accumulate.
     def _weight_grad(self, col: Any, dy: Any, part: int = 0) -> Any:
@@ -332,10 +360,7 @@ class _ConvolutionBase(Layer):
         out = self.buffer(f"dw.{part}", (g, self.conv_out // g, col.shape[1] // g))
         for i in range(g):
             self.xp.matmul(self._group_cols(dy, i).T, self._group_cols(col, i), out=out[i])
-        if self.channels_last:  # (o, i, j, c) -> the blob's (o, c, i, j), as a view
-            kh, kw = self.geom.kernel
-            return out.reshape(self.conv_out, kh, kw, -1).transpose(0, 3, 1, 2)
-        return out
+        return self._in_blob_order(out)
 
     # -- the per-image products --------------------------------------------------------------------
     # With more output pixels per image than column entries (a first layer: LeNet's conv1 has
@@ -438,16 +463,26 @@ class Convolution(_ConvolutionBase):
         kept = getattr(self, "_kept", {})
         per_image = self._per_image(top[0].shape[2] * top[0].shape[3])
         w = None if per_image or not any(propagate_down) else self._weights()
+        # rows without groups: one backend call per part, a block of images at a time
+        fused = (not per_image and self.group == 1
+                 and self.backend.fuses_conv(bottom[0].data.dtype))
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
             parts, cols, down = self._parts(b.data), kept.get(i), propagate_down[i]
+            if fused and cols is None:
+                parts = self.backend.batch_parts(b.shape[0], self._cost(b.data))
 
             def run(slot: int, k: int, t: Blob = t, b: Blob = b, parts: list[slice] = parts,
                     cols: list[Any] | None = cols, down: bool = down, i: int = i,
                     per_image: bool = per_image) -> tuple[Any, Any]:
                 part = parts[k]
+                bias = self._bias_grad(t.diff[part], k)
+                if fused:
+                    return self._backward_part(b.data[part], t.diff[part],
+                                               b.diff[part] if down else None,
+                                               None if cols is None else cols[k],
+                                               f"col{i}.{slot}", slot, k, w), bias
                 col = cols[k] if cols is not None else self._cols(b.data[part], f"col{i}.{slot}",
                                                                    per_image)
-                bias = self._bias_grad(t.diff[part], k)
                 # Once the weight gradient is made the columns are used up: their buffer
                 # takes the column gradient.
                 if per_image:
