@@ -831,14 +831,15 @@ def test_convolution_with_the_fused_forward_matches_numpy(phase: str, channels: 
 
 
 @fused_available
-@pytest.mark.parametrize("layout", ["rows", "hwc"])
+@pytest.mark.parametrize("layout", ["images", "rows", "hwc"])
 @pytest.mark.parametrize("case", [BIG[0], BIG[3]])
 def test_fused_convolution_backward_matches_the_unfused_steps(case: tuple[int, ...],
                                                               layout: str) -> None:
-    """conv_backward_rows in one compiled call (a block of images at a time: dy as rows, the
-    weight gradient accumulated block by block, the column gradient and col2im) against the
-    Backend default over the whole batch: with the columns kept from forward or made again,
-    with and without the bottom gradient, blocks of one image and of three."""
+    """conv_backward_rows / conv_backward_images in one compiled call (a block of images, or
+    one image, at a time: the weight gradient accumulated block by block, the column gradient
+    and col2im) against the Backend defaults over the whole batch: with the columns kept from
+    forward or made again, with and without the bottom gradient, blocks of one image and of
+    three."""
     from netforge.backend.base import Backend
     from netforge.backend.numpy_backend import conv_out_size
 
@@ -852,20 +853,32 @@ def test_fused_convolution_backward_matches_the_unfused_steps(case: tuple[int, .
     p = conv_out_size(h, kh, sh, ph, dh) * conv_out_size(w, kw, sw, pw, dw)
     dy = rng.normal(size=(n, o, p))
     weights = rng.normal(size=(o, k))
-    cols = fast.im2col_rows(x, *geometry, channels_last=last)
+    images = layout == "images"
+    cols = fast.im2col(x, *geometry) if images else fast.im2col_rows(x, *geometry,
+                                                                      channels_last=last)
+
+    def backward(kind: type[Backend], dw: Any, dx: Any, buffer: Any, block: int,
+                 recompute: bool) -> None:
+        """The given class's method, on the compiled backend."""
+        if images:
+            kind.conv_backward_images(fast, x, dy, weights, dw, dx, buffer, geometry, recompute)
+        else:
+            kind.conv_backward_rows(fast, x, dy, weights, dw, dx, buffer,
+                                    np.empty((block * p, o)), geometry, last, recompute)
+
     want_dw, want_dx = np.empty((o, k)), np.empty(x.shape)
-    Backend.conv_backward_rows(fast, x, dy, weights, want_dw, want_dx, cols.copy(),
-                               np.empty((n * p, o)), geometry, last, False)
+    backward(Backend, want_dw, want_dx, cols.copy(), n, False)
     for block_bytes in (1, 3 * k * p * 8):
         fast.block_bytes = block_bytes
         block = fast.conv_block(n, k * p * 8)
         for recompute in (False, True):
             for down in (True, False):
                 got_dw, got_dx = np.full((o, k), 7.0), np.full(x.shape, 8.0)
-                buffer = np.full((block * p, k), 9.0) if recompute else cols.copy()
-                fast.conv_backward_rows(x, dy, weights, got_dw, got_dx if down else None,
-                                        buffer, np.empty((block * p, o)), geometry, last,
-                                        recompute)
+                buffer = cols.copy()
+                if recompute:
+                    buffer = np.full((block, k, p) if images else (block * p, k), 9.0)
+                backward(NumpyBackend, got_dw, got_dx if down else None, buffer, block,
+                         recompute)
                 np.testing.assert_allclose(got_dw, want_dw, rtol=1e-12, atol=1e-12)
                 if down:
                     np.testing.assert_allclose(got_dx, want_dx, rtol=1e-12, atol=1e-12)

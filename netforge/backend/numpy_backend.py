@@ -244,6 +244,17 @@ class NumpyBackend(Backend):
         kernels.conv_forward_rows(gemm, x, wt, bias, y, cols, rows, block, geometry,
                                   channels_last)
 
+    def conv_backward_images(self, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
+                             dw: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
+                             geometry: tuple[int, ...], recompute: bool) -> None:
+        gemm = self._fused_gemm(dy, x, w, dw, dx, cols)
+        if gemm is None:
+            super().conv_backward_images(x, dy, w, dw, dx, cols, geometry, recompute)
+        elif not recompute and cols.shape[0] != dy.shape[0]:
+            raise ValueError("conv_backward_images: kept columns for every image needed")
+        else:
+            kernels.conv_backward_images(gemm, x, dy, w, dw, dx, cols, recompute, geometry)
+
     def conv_backward_rows(self, x: np.ndarray, dy: np.ndarray, w: np.ndarray, dw: np.ndarray,
                            dx: np.ndarray | None, cols: np.ndarray, rows: np.ndarray,
                            geometry: tuple[int, ...], channels_last: bool,

@@ -229,16 +229,14 @@ class _ConvolutionBase(Layer):
         budget = self.COLUMN_BUDGET if self.phase == PHASE_TRAIN else self.TEST_COLUMN_BUDGET
         return self.backend.batch_parts(x.shape[0], self._cost(x), budget)
 
-    def _cols(self, x: Any, key: str, per_image: bool = False) -> Any:
+    def _cols(self, x: Any, key: str) -> Any:
         """im2col of a convolution-view input (N, conv_in, H, W) into the buffer ``key``: rows
-        (N·oh·ow, conv_in·kh·kw), or with ``per_image`` Caffe's (N, conv_in·kh·kw, oh·ow)."""
+        (N·oh·ow, conv_in·kh·kw)."""
         g = self.geom
         n, c, h, w = x.shape
         oh, ow = g.conv_out(h, w)
         k = c * g.kernel[0] * g.kernel[1]
         args = (*g.kernel, *g.stride, *g.pad, *g.dilation)
-        if per_image:
-            return self.backend.im2col(x, *args, out=self.buffer(key, (n, k, oh * ow)))
         return self.backend.im2col_rows(x, *args, out=self.buffer(key, (n * oh * ow, k)),
                                         channels_last=self.channels_last)
 
@@ -325,23 +323,30 @@ class _ConvolutionBase(Layer):
                                  *geom.dilation, out=out, channels_last=self.channels_last)
 
     def _backward_part(self, x: Any, dy: Any, dx: Any, cols: Any, key: str, slot: int,
-                       part: int, w: Any) -> Any:
-        """dW for a part of the batch (rows, no groups) and dx unless it is None, in one
-        backend call; ``cols`` are the part's columns kept from forward, or None (made again
-        a block of images at a time in the buffer ``key``). Returns dW in the blob's order."""
+                       part: int, w: Any, per_image: bool) -> Any:
+        """dW for a part of the batch (no groups) and dx unless it is None, in one backend
+        call; ``cols`` are the part's columns kept from forward, or None (made again, by a
+        fusing backend a block of images at a time, in the buffer ``key``); ``w`` is
+        _weights() for the row layout. Returns dW in the blob's order."""
         g = self.geom
         n, p = x.shape[0], dy.shape[2] * dy.shape[3]
         k = self.conv_in * g.kernel[0] * g.kernel[1]
         block = self.backend.conv_block(n, k * p * x.itemsize)
         recompute = cols is None
+        geometry = (*g.kernel, *g.stride, *g.pad, *g.dilation)
+        dw = self.buffer(f"dw.{part}", (self.conv_out, k))
+        dy = dy.reshape(n, self.conv_out, p)
+        if per_image:  # Caffe's column order: W as it is
+            if recompute:
+                cols = self.buffer(key, (block, k, p))
+            self.backend.conv_backward_images(x, dy, self.blobs[0].data.reshape(self.conv_out, k),
+                                              dw, dx, cols, geometry, recompute)
+            return dw
         if recompute:
             cols = self.buffer(key, (block * p, k))
         rows = self.buffer(f"dy.{slot}", (block * p, self.conv_out))
-        dw = self.buffer(f"dw.{part}", (1, self.conv_out, k))
-        w = self.blobs[0].data.reshape(1, self.conv_out, k) if w is None else w
-        self.backend.conv_backward_rows(x, dy.reshape(n, self.conv_out, p), w[0], dw[0], dx,
-                                        cols, rows, (*g.kernel, *g.stride, *g.pad,
-                                                     *g.dilation),
+        w = self.blobs[0].data.reshape(self.conv_out, k) if w is None else w[0]
+        self.backend.conv_backward_rows(x, dy, w, dw, dx, cols, rows, geometry,
                                         self.channels_last, recompute)
         return self._in_blob_order(dw)
 
@@ -376,24 +381,6 @@ class _ConvolutionBase(Layer):
     def _per_image(self, pixels: int) -> bool:
         k = self.conv_in * self.geom.kernel[0] * self.geom.kernel[1]
         return self.group == 1 and pixels >= max(256, k)
-
-    def _weight_grad_images(self, col: Any, dy: Any, slot: int, part: int) -> Any:
-        """Σₙ dyₙ · colₙᵀ for dy (N, conv_out, P) and col (N, K, P), made as (colₙ · dyₙᵀ)ᵀ:
-        the large operand untransposed reads faster (cifar10_quick's conv1: 4.9 vs 5.8 ms)."""
-        n, k = dy.shape[0], col.shape[1]
-        per = self.buffer(f"dw_images.{slot}", (n, k, self.conv_out))
-        self.xp.matmul(col, dy.transpose(0, 2, 1), out=per)
-        out = self.buffer(f"dw.{part}", (self.conv_out, k))
-        out[...] = per.sum(axis=0).T
-        return out
-
-    def _apply_t_images(self, dy: Any, out: Any, dcol: Any) -> None:
-        """out (N, conv_in, H, W) = col2im(Wᵀ · dyₙ per image); dcol a free (N, K, P) buffer."""
-        geom = self.geom
-        w = self.blobs[0].data.reshape(self.conv_out, -1)
-        self.xp.matmul(w.T, dy, out=dcol)
-        self.backend.col2im(dcol, out.shape, *geom.kernel, *geom.stride, *geom.pad,
-                            *geom.dilation, out=out)
 
     def _add_bias(self, y: Any) -> None:
         if self.bias_term:
@@ -463,12 +450,10 @@ class Convolution(_ConvolutionBase):
         kept = getattr(self, "_kept", {})
         per_image = self._per_image(top[0].shape[2] * top[0].shape[3])
         w = None if per_image or not any(propagate_down) else self._weights()
-        # rows without groups: one backend call per part, a block of images at a time
-        fused = (not per_image and self.group == 1
-                 and self.backend.fuses_conv(bottom[0].data.dtype))
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
             parts, cols, down = self._parts(b.data), kept.get(i), propagate_down[i]
-            if fused and cols is None:
+            if cols is None and self.group == 1 and self.backend.fuses_conv(b.data.dtype):
+                # columns made again a block at a time, in cache: one part per worker
                 parts = self.backend.batch_parts(b.shape[0], self._cost(b.data))
 
             def run(slot: int, k: int, t: Blob = t, b: Blob = b, parts: list[slice] = parts,
@@ -476,25 +461,19 @@ class Convolution(_ConvolutionBase):
                     per_image: bool = per_image) -> tuple[Any, Any]:
                 part = parts[k]
                 bias = self._bias_grad(t.diff[part], k)
-                if fused:
+                if self.group == 1:
                     return self._backward_part(b.data[part], t.diff[part],
                                                b.diff[part] if down else None,
                                                None if cols is None else cols[k],
-                                               f"col{i}.{slot}", slot, k, w), bias
-                col = cols[k] if cols is not None else self._cols(b.data[part], f"col{i}.{slot}",
-                                                                   per_image)
-                # Once the weight gradient is made the columns are used up: their buffer
-                # takes the column gradient.
-                if per_image:
-                    dy = t.diff[part].reshape(col.shape[0], self.conv_out, -1)
-                    grads = self._weight_grad_images(col, dy, slot, k), bias
-                    if down:
-                        self._apply_t_images(dy, b.diff[part], dcol=col)
-                else:
-                    dy = self._to_rows(t.diff[part], f"dy.{slot}")
-                    grads = self._weight_grad(col, dy, k), bias
-                    if down:
-                        self._apply_t(dy, b.diff[part], slot, dcol=col, w=w)
+                                               f"col{i}.{slot}", slot, k, w, per_image), bias
+                # groups: the row layout, each group's columns a GEMM of its own. Once the
+                # weight gradient is made the columns are used up: their buffer takes the
+                # column gradient.
+                col = cols[k] if cols is not None else self._cols(b.data[part], f"col{i}.{slot}")
+                dy = self._to_rows(t.diff[part], f"dy.{slot}")
+                grads = self._weight_grad(col, dy, k), bias
+                if down:
+                    self._apply_t(dy, b.diff[part], slot, dcol=col, w=w)
                 return grads
 
             self._accumulate(self.backend.parallel(run, len(parts), self._cost(b.data)))
