@@ -216,6 +216,12 @@ class _ConvolutionBase(Layer):
     # stay in the core's cache from im2col to the GEMM, pay: LeNet's TEST forward (batch 100)
     # 6.6 vs 7.4 ms with 2 MB parts, cifar10_quick's the same (33 ms) either way; in TRAIN
     # 2 MB parts gave cifar10_quick 1% more and LeNet the same.
+    # A backend that fuses im2col, GEMM and layout change per block of images (NumpyBackend
+    # with numba: conv_forward_*/conv_backward_*) keeps its blocks in cache by itself: there the
+    # budget only decides whether a TRAIN forward keeps its columns (parts within it, one per
+    # worker); columns not kept are made one part per worker, in blocks, and made again in
+    # backward the same way (in-process A/B against the budget's parts, both fused: LeNet's
+    # TEST forward 6.15 -> 5.97 ms in 13 of 16 rounds, cifar10_quick's 31.5 -> 29.6 ms).
     COLUMN_BUDGET = 1 << 20  # elements (4 MB of float32)
     TEST_COLUMN_BUDGET = 1 << 19
 
