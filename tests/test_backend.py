@@ -379,6 +379,49 @@ def test_parallel_when_the_helpers_sleep_and_from_two_threads(
     assert results == {i: [[i * 100 + k for k in range(4)]] * 20 for i in range(2)}
 
 
+@kernels_available
+@pytest.mark.parametrize("asleep", [False, True])
+def test_deferred_jobs_start_their_helpers_from_the_callers_kernel(
+        monkeypatch: pytest.MonkeyPatch, asleep: bool) -> None:
+    """A deferred job's helpers start when the caller's first compiled call stores the job's
+    number (take_post), or, when no call takes it, once the caller's first part is done; with
+    helpers asleep as well. Outside a deferred job take_post gives 0 (store nothing)."""
+    import time
+
+    from netforge.backend import threads as pool_threads
+    from netforge.backend.threads import BatchPool
+
+    pool = BatchPool(2)
+    if pool.workers != 2:
+        pytest.skip("no per-thread BLAS control here: batch parallelism is off")
+    monkeypatch.setattr(pool_threads, "DEFER", True)
+    if asleep:
+        monkeypatch.setattr(pool_threads, "SPIN_TURNS", 1)
+    started: list[bool] = []
+
+    def kernel_like(slot: int, k: int) -> tuple[int, int]:
+        if slot == 0 and k == 0:
+            flags, number = pool.take_post()
+            # the job's number while the helpers wait for it; 0 when they were started in
+            # Python already (they were asleep)
+            started.append(bool(number == 0 or flags[0] != number))
+            if number:
+                flags[0] = number  # what the kernel's first store does
+            assert pool.take_post()[1] == 0  # taken once
+        return slot, k
+
+    for count in (2, 5):
+        time.sleep(0.005 if asleep else 0)
+        assert pool.run(kernel_like, count, deferred=True) == [(k % 2, k) for k in range(count)]
+        assert started.pop()
+        time.sleep(0.005 if asleep else 0)
+        assert pool.run(lambda s, k: (s, k), count, deferred=True) == [
+            (k % 2, k) for k in range(count)]
+    assert pool.take_post()[1] == 0
+    assert pool.run(kernel_like, 2) == [(0, 0), (1, 1)]  # not deferred: nothing to take
+    assert started == [True]
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_batch_pool_reports_a_helper_that_died() -> None:
     """A helper thread that dies (here: an error in its wait) is an error in the caller, not a

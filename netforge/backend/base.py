@@ -67,10 +67,13 @@ class Backend(ABC):
         thread per worker there)."""
         return nullcontext()
 
-    def parallel(self, fn: Callable[[int, int], T], count: int, cost: int = 0) -> list[T]:
+    def parallel(self, fn: Callable[[int, int], T], count: int, cost: int = 0,
+                 deferred: bool = False) -> list[T]:
         """[fn(worker, k) for k in range(count)]: part k runs on worker k mod ``workers``
         (worker 0 being the caller), the workers concurrently. ``cost`` is the work of all the
-        parts, in batch_parts' units (a single big part may use the device's own threads)."""
+        parts, in batch_parts' units (a single big part may use the device's own threads).
+        ``deferred``: each part begins with one of the conv_* calls, which may start the other
+        workers itself (NumpyBackend: once it has let go of the GIL)."""
         return [fn(0, k) for k in range(count)]
 
     # -- arrays -------------------------------------------------------------------------------

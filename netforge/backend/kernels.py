@@ -510,6 +510,11 @@ def images_to_rows(images: np.ndarray, out: np.ndarray) -> None:
 # image the same bits; OpenBLAS may round a GEMM over a block's rows differently in the last
 # bit from one over the whole part's.
 
+# (flags, n): a fused kernel stores n in flags[0] as it starts, without the GIL, when n > 0
+# (BatchPool.take_post: the caller's kernel starting the other workers of a deferred job)
+NO_POST = (np.zeros(1, np.int64), 0)
+
+
 def _make_conv_images(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
                       dw: int) -> Any:
     """Per image: cols[n] = im2col(x[n]) (K, P); y[n] (O, P) = w (O, K) · cols[n] (+ bias).
@@ -518,7 +523,9 @@ def _make_conv_images(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: 
 
     @njit(nogil=True, cache=True)
     def kernel(gemm: Any, x: Any, w: Any, bias: Any, with_bias: bool, y: Any, cols: Any,
-               oh: int, ow: int, x_lo: int, x_hi: int) -> None:
+               oh: int, ow: int, x_lo: int, x_hi: int, flags: Any, post: int) -> None:
+        if post:
+            _store_release(flags, 0, post)
         n_img = x.shape[0]
         o_n, k = w.shape
         p = oh * ow
@@ -556,7 +563,10 @@ def _make_conv_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: in
 
     @njit(nogil=True, cache=True)
     def kernel(gemm: Any, x: Any, wt: Any, bias: Any, has_bias: bool, y: Any, cols: Any,
-               rows: Any, block: int, oh: int, ow: int, bounds: Any) -> None:
+               rows: Any, block: int, oh: int, ow: int, bounds: Any, flags: Any,
+               post: int) -> None:
+        if post:
+            _store_release(flags, 0, post)
         n_img = x.shape[0]
         k, o_n = wt.shape
         p = oh * ow
@@ -601,7 +611,10 @@ def _make_conv_rows_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: in
 
     @njit(nogil=True, cache=True)
     def kernel(gemm: Any, x: Any, dy: Any, w: Any, dw: Any, dx: Any, down: bool, cols: Any,
-               rows: Any, recompute: bool, block: int, oh: int, ow: int, bounds: Any) -> None:
+               rows: Any, recompute: bool, block: int, oh: int, ow: int, bounds: Any,
+               flags: Any, post: int) -> None:
+        if post:
+            _store_release(flags, 0, post)
         n_img = dy.shape[0]
         o_n, k = w.shape
         p = oh * ow
@@ -635,7 +648,10 @@ def _make_conv_images_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: 
 
     @njit(nogil=True, cache=True)
     def kernel(gemm: Any, x: Any, dy: Any, w: Any, dw: Any, dx: Any, down: bool, cols: Any,
-               recompute: bool, oh: int, ow: int, x_lo: int, x_hi: int) -> None:
+               recompute: bool, oh: int, ow: int, x_lo: int, x_hi: int, flags: Any,
+               post: int) -> None:
+        if post:
+            _store_release(flags, 0, post)
         n_img = dy.shape[0]
         o_n, k = w.shape
         p = oh * ow
@@ -663,20 +679,21 @@ def _make_conv_images_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: 
 
 def conv_backward_images(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
                          dw: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
-                         recompute: bool, geometry: tuple[int, ...]) -> None:
+                         recompute: bool, geometry: tuple[int, ...],
+                         post: tuple[np.ndarray, int] = NO_POST) -> None:
     """dW (O, K) = Σₙ dy[n] · colsₙᵀ and, unless ``dx`` is None, dx = col2im(wᵀ · dy[n]) per
     image, for dy (N, O, P); ``cols`` holds the kept columns (N, K, P) or is one image's
     scratch (``recompute``); contiguous arrays of one dtype."""
     oh, ow = _out_hw(x, geometry)
     _kernel("conv_images_backward", geometry)(
         gemm, x, dy, w, dw, x if dx is None else dx, dx is not None, cols, recompute, oh, ow,
-        *_column_bounds(x.shape[3], ow, geometry))
+        *_column_bounds(x.shape[3], ow, geometry), *post)
 
 
 def conv_backward_rows(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray, dw: np.ndarray,
                        dx: np.ndarray | None, cols: np.ndarray, rows: np.ndarray,
                        recompute: bool, block: int, geometry: tuple[int, ...],
-                       channels_last: bool) -> None:
+                       channels_last: bool, post: tuple[np.ndarray, int] = NO_POST) -> None:
     """dW (O, K) = Σ rowsᵀ · cols and, unless ``dx`` is None, dx = col2im(rows · w), for dy
     (N, O, P) as rows, ``block`` images at a time; ``cols`` holds the kept im2col rows of x
     (N·P, K), or is block-sized scratch they are made in again (``recompute``); contiguous
@@ -685,22 +702,24 @@ def conv_backward_rows(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray, 
     bounds = np.array(_window_bounds(x.shape[2], x.shape[3], oh, ow, geometry), np.int64)
     _kernel("conv_rows_backward", (*geometry, channels_last))(
         gemm, x, dy, w, dw, x if dx is None else dx, dx is not None, cols, rows, recompute,
-        block, oh, ow, bounds)
+        block, oh, ow, bounds, *post)
 
 
 def conv_forward_images(gemm: Any, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
-                        y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...]) -> None:
+                        y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...],
+                        post: tuple[np.ndarray, int] = NO_POST) -> None:
     """y (N, O, P) = w (O, K) · im2col(x)ₙ (+ bias) per image, its columns written into
     ``cols`` (N, K, P) or (1, K, P); contiguous arrays of one dtype, ``gemm`` its CBLAS GEMM."""
     oh, ow = _out_hw(x, geometry)
     _kernel("conv_images", geometry)(gemm, x, w, w[0] if bias is None else bias,
                                      bias is not None, y, cols, oh, ow,
-                                     *_column_bounds(x.shape[3], ow, geometry))
+                                     *_column_bounds(x.shape[3], ow, geometry), *post)
 
 
 def conv_forward_rows(gemm: Any, x: np.ndarray, wt: np.ndarray, bias: np.ndarray | None,
                       y: np.ndarray, cols: np.ndarray, rows: np.ndarray, block: int,
-                      geometry: tuple[int, ...], channels_last: bool) -> None:
+                      geometry: tuple[int, ...], channels_last: bool,
+                      post: tuple[np.ndarray, int] = NO_POST) -> None:
     """y (N, O, P) = (im2col rows of x) · wt (K, O) (+ bias), ``block`` images at a time; the
     rows written into ``cols`` (N·P, K) or (block·P, K), the products into ``rows``
     (block·P, O); contiguous arrays of one dtype."""
@@ -708,7 +727,7 @@ def conv_forward_rows(gemm: Any, x: np.ndarray, wt: np.ndarray, bias: np.ndarray
     bounds = np.array(_window_bounds(x.shape[2], x.shape[3], oh, ow, geometry), np.int64)
     _kernel("conv_rows", (*geometry, channels_last))(
         gemm, x, wt, wt[0] if bias is None else bias, bias is not None, y, cols, rows, block,
-        oh, ow, bounds)
+        oh, ow, bounds, *post)
 
 
 def _out_hw(x: np.ndarray, geometry: tuple[int, ...]) -> tuple[int, int]:

@@ -50,8 +50,9 @@ class NumpyBackend(Backend):
     # (LeNet's ip1 at batch 1: 0.3 ms with two BLAS threads, 0.04 ms with one).
     wide_min = 1 << 22
 
-    def parallel(self, fn: Callable[[int, int], T], count: int, cost: int = 0) -> list[T]:
-        return self._pool.run(fn, count, wide=cost >= self.wide_min)
+    def parallel(self, fn: Callable[[int, int], T], count: int, cost: int = 0,
+                 deferred: bool = False) -> list[T]:
+        return self._pool.run(fn, count, wide=cost >= self.wide_min, deferred=deferred)
 
     def running(self) -> AbstractContextManager[None]:
         return self._pool.running()
@@ -206,13 +207,17 @@ class NumpyBackend(Backend):
     block_bytes = 1 << 19
 
     def _fused_gemm(self, *arrays: np.ndarray | None) -> Any:
-        """CBLAS's GEMM for the arrays' dtype when the fused kernels can run on them."""
+        """CBLAS's GEMM for the arrays' dtype when the fused kernels can run on them. When
+        they cannot, a deferred job's helpers are started here."""
         first = arrays[0]
         assert first is not None
-        if not (self.use_compiled(first.size) and _contiguous(*arrays)) or any(
-                a is not None and a.dtype != first.dtype for a in arrays):
-            return None
-        return blas.gemm(first.dtype.name)
+        gemm = None
+        if self.use_compiled(first.size) and _contiguous(*arrays) and all(
+                a is None or a.dtype == first.dtype for a in arrays):
+            gemm = blas.gemm(first.dtype.name)
+        if gemm is None:
+            self._pool.post_pending()
+        return gemm
 
     def fuses_conv(self, dtype: Any) -> bool:
         return self.compiled and blas.gemm(np.dtype(dtype).name) is not None
@@ -228,7 +233,8 @@ class NumpyBackend(Backend):
         if gemm is None:
             super().conv_forward_images(x, w, bias, y, cols, geometry)
         else:
-            kernels.conv_forward_images(gemm, x, w, bias, y, cols, geometry)
+            kernels.conv_forward_images(gemm, x, w, bias, y, cols, geometry,
+                                        self._pool.take_post())
 
     def conv_forward_rows(self, x: np.ndarray, wt: np.ndarray, bias: np.ndarray | None,
                           y: np.ndarray, cols: np.ndarray, rows: np.ndarray,
@@ -242,7 +248,7 @@ class NumpyBackend(Backend):
         if min(cols.shape[0], rows.shape[0]) < block * p:
             raise ValueError(f"conv_forward_rows: buffers for {block} images needed")
         kernels.conv_forward_rows(gemm, x, wt, bias, y, cols, rows, block, geometry,
-                                  channels_last)
+                                  channels_last, self._pool.take_post())
 
     def conv_backward_images(self, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
                              dw: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
@@ -253,7 +259,8 @@ class NumpyBackend(Backend):
         elif not recompute and cols.shape[0] != dy.shape[0]:
             raise ValueError("conv_backward_images: kept columns for every image needed")
         else:
-            kernels.conv_backward_images(gemm, x, dy, w, dw, dx, cols, recompute, geometry)
+            kernels.conv_backward_images(gemm, x, dy, w, dw, dx, cols, recompute, geometry,
+                                         self._pool.take_post())
 
     def conv_backward_rows(self, x: np.ndarray, dy: np.ndarray, w: np.ndarray, dw: np.ndarray,
                            dx: np.ndarray | None, cols: np.ndarray, rows: np.ndarray,
@@ -270,7 +277,7 @@ class NumpyBackend(Backend):
                 not recompute and cols.shape[0] != n * p):
             raise ValueError(f"conv_backward_rows: buffers for {block} images needed")
         kernels.conv_backward_rows(gemm, x, dy, w, dw, dx, cols, rows, recompute, block,
-                                   geometry, channels_last)
+                                   geometry, channels_last, self._pool.take_post())
 
     # ReLU as one compiled pass per part of the flattened array, on every worker (NumPy's
     # expressions make temporaries and run on one core): cifar10_quick's three ReLUs (26 MB

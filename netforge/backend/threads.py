@@ -179,11 +179,13 @@ class BatchPool:
         finally:
             self._blas_threads(previous)
 
-    def run(self, fn: Callable[[int, int], T], count: int, wide: bool = False) -> list[T]:
+    def run(self, fn: Callable[[int, int], T], count: int, wide: bool = False,
+            deferred: bool = False) -> list[T]:
         """[fn(k % W, k) for k in range(count)], the workers running concurrently; worker w
         handles its parts in increasing order. The first exception raised is re-raised once
         every worker has stopped. A single ``wide`` part (a big batch of one) gets every
-        core's BLAS."""
+        core's BLAS. ``deferred``: the caller's first part starts the other workers itself,
+        with ``take_post`` (see there), at the latest when it returns."""
         w = min(self.workers, count)
         slot = getattr(_inside, "slot", None)
         if slot is not None:
@@ -203,27 +205,49 @@ class BatchPool:
             # runs its parts by itself rather than queue behind it.
             return [fn(0, k) for k in range(count)]
         try:
-            return self._run_job(fn, count, w)
+            return self._run_job(fn, count, w, deferred and DEFER)
         finally:
             self._busy.release()
 
-    def _run_job(self, fn: Callable[[int, int], T], count: int, w: int) -> list[T]:
+    def take_post(self) -> tuple[np.ndarray, int]:
+        """(flags, n) for a compiled kernel run by the caller of a deferred job: the kernel
+        stores n in flags[0] once it runs without the GIL, which starts the helpers then, so
+        that they find the GIL free (a helper that waits for the GIL sleeps, and waking it
+        costs tens of microseconds here). n is 0 (store nothing) for any other call."""
+        number = getattr(_inside, "post", 0)
+        if number:
+            _inside.post = 0
+        return self._flags, number
+
+    def post_pending(self) -> None:
+        """Start the helpers on the job, unless a kernel has done it already."""
+        number = getattr(_inside, "post", 0)
+        if number:
+            _inside.post = 0
+            self._flags[0] = number
+        if self._sleepers:
+            with self._wake:
+                self._wake.notify_all()
+
+    def _run_job(self, fn: Callable[[int, int], T], count: int, w: int,
+                 deferred: bool = False) -> list[T]:
         if not self._threads:
             self._start()
         previous_job = self._job.number if self._job is not None else 0
         job = self._job = _Job(previous_job + 1, fn, count, w)
-        self._flags[0] = job.number
-        if self._sleepers:
-            with self._wake:
-                self._wake.notify_all()
+        _inside.post = job.number
+        if not (deferred and kernels.AVAILABLE) or self._sleepers:
+            self.post_pending()
         previous = self._blas_threads(1)
         _inside.slot = 0
         try:
             for k in range(0, count, w):
                 job.results[k] = fn(0, k)
+                self.post_pending()
         except BaseException as e:
             job.errors.insert(0, e)
         finally:
+            self.post_pending()  # also wakes a helper that went to sleep before a kernel's post
             _inside.slot = None
             self._blas_threads(previous)
             for helper in range(1, self.workers):  # every helper reports every job
@@ -244,6 +268,7 @@ class BatchPool:
         return job.results
 
 
+DEFER = True
 _shared: dict[int | None, BatchPool] = {}
 
 

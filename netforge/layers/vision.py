@@ -445,7 +445,10 @@ class Convolution(_ConvolutionBase):
                 return self._forward_part(x[parts[k]], y[parts[k]], f"col{i}.{slot}", slot,
                                           per_image, wt, keep)
 
-            cols = self.backend.parallel(run, len(parts), self._cost(x))
+            # without groups each part starts with a conv_* call, which starts the other
+            # workers (deferred)
+            cols = self.backend.parallel(run, len(parts), self._cost(x),
+                                         deferred=self.group == 1)
             if keep:
                 self._kept[i] = cols
 
@@ -466,12 +469,13 @@ class Convolution(_ConvolutionBase):
                     cols: list[Any] | None = cols, down: bool = down, i: int = i,
                     per_image: bool = per_image) -> tuple[Any, Any]:
                 part = parts[k]
-                bias = self._bias_grad(t.diff[part], k)
                 if self.group == 1:
-                    return self._backward_part(b.data[part], t.diff[part],
-                                               b.diff[part] if down else None,
-                                               None if cols is None else cols[k],
-                                               f"col{i}.{slot}", slot, k, w, per_image), bias
+                    dw = self._backward_part(b.data[part], t.diff[part],
+                                             b.diff[part] if down else None,
+                                             None if cols is None else cols[k],
+                                             f"col{i}.{slot}", slot, k, w, per_image)
+                    return dw, self._bias_grad(t.diff[part], k)
+                bias = self._bias_grad(t.diff[part], k)
                 # groups: the row layout, each group's columns a GEMM of its own. Once the
                 # weight gradient is made the columns are used up: their buffer takes the
                 # column gradient.
@@ -482,7 +486,8 @@ class Convolution(_ConvolutionBase):
                     self._apply_t(dy, b.diff[part], slot, dcol=col, w=w)
                 return grads
 
-            self._accumulate(self.backend.parallel(run, len(parts), self._cost(b.data)))
+            self._accumulate(self.backend.parallel(run, len(parts), self._cost(b.data),
+                                                   deferred=self.group == 1))
             if down:
                 kept.pop(i, None)  # overwritten: another backward recomputes them
 
