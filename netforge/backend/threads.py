@@ -91,7 +91,9 @@ class BatchPool:
     (kernels.report_and_wait) before they sleep, so a layer's parts start and finish within
     microseconds of each other, where an OS wake-up costs 20-100 µs per layer on a VM. A
     helper stores its counter from inside that wait, after it has let go of the GIL, so the
-    caller never waits for the GIL when it sees the job done.
+    caller never waits for the GIL when it sees the job done. In a ``deferred`` job the job
+    number is stored by the caller's first compiled kernel instead (take_post), once the caller
+    has let go of the GIL, so the helpers do not wait for it either.
     """
 
     def __init__(self, workers: int | None = None):
