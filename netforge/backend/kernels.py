@@ -514,6 +514,12 @@ def images_to_rows(images: np.ndarray, out: np.ndarray) -> None:
 # (BatchPool.take_post: the caller's kernel starting the other workers of a deferred job)
 NO_POST = (np.zeros(1, np.int64), 0)
 
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _start_helpers(flags: Any, post: int) -> None:
+        if post:
+            _store_release(flags, 0, post)
+
 
 def _make_conv_images(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
                       dw: int) -> Any:
@@ -524,8 +530,7 @@ def _make_conv_images(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: 
     @njit(nogil=True, cache=True)
     def kernel(gemm: Any, x: Any, w: Any, bias: Any, with_bias: bool, y: Any, cols: Any,
                oh: int, ow: int, x_lo: int, x_hi: int, flags: Any, post: int) -> None:
-        if post:
-            _store_release(flags, 0, post)
+        _start_helpers(flags, post)
         n_img = x.shape[0]
         o_n, k = w.shape
         p = oh * ow
@@ -565,8 +570,7 @@ def _make_conv_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: in
     def kernel(gemm: Any, x: Any, wt: Any, bias: Any, has_bias: bool, y: Any, cols: Any,
                rows: Any, block: int, oh: int, ow: int, bounds: Any, flags: Any,
                post: int) -> None:
-        if post:
-            _store_release(flags, 0, post)
+        _start_helpers(flags, post)
         n_img = x.shape[0]
         k, o_n = wt.shape
         p = oh * ow
@@ -613,8 +617,7 @@ def _make_conv_rows_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: in
     def kernel(gemm: Any, x: Any, dy: Any, w: Any, dw: Any, dx: Any, down: bool, cols: Any,
                rows: Any, recompute: bool, block: int, oh: int, ow: int, bounds: Any,
                flags: Any, post: int) -> None:
-        if post:
-            _store_release(flags, 0, post)
+        _start_helpers(flags, post)
         n_img = dy.shape[0]
         o_n, k = w.shape
         p = oh * ow
@@ -650,8 +653,7 @@ def _make_conv_images_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: 
     def kernel(gemm: Any, x: Any, dy: Any, w: Any, dw: Any, dx: Any, down: bool, cols: Any,
                recompute: bool, oh: int, ow: int, x_lo: int, x_hi: int, flags: Any,
                post: int) -> None:
-        if post:
-            _store_release(flags, 0, post)
+        _start_helpers(flags, post)
         n_img = dy.shape[0]
         o_n, k = w.shape
         p = oh * ow
