@@ -270,6 +270,8 @@ class BatchPool:
         return job.results
 
 
+# Whether run(..., deferred=True) defers at all (False: every job is posted before the caller's
+# parts, as before deferred jobs existed; kept for in-process A/B comparisons and tests).
 DEFER = True
 _shared: dict[int | None, BatchPool] = {}
 
