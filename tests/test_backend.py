@@ -929,3 +929,27 @@ def test_fused_convolution_backward_matches_the_unfused_steps(case: tuple[int, .
                     assert (got_dx == 8.0).all()
                     if not recompute:  # the kept columns stay usable
                         np.testing.assert_array_equal(buffer, cols)
+
+
+@kernels_available
+def test_kernels_made_per_geometry_have_names_and_uuids_of_their_own() -> None:
+    """numba names compiled code by qualified name and a per-process counter, and finds cached
+    closures by their cells pickled (a numba function pickles with its uuid): each kernel made
+    for a geometry, and each helper it calls, carries its key in both, so a kernel loaded from
+    the cache links to its own helpers (not another geometry's, which gave wrong outputs) and
+    is found again in the next process."""
+    from netforge.backend import kernels
+
+    names, uuids = set(), set()
+    for geometry in ((3, 3, 2, 2, 2, 1, 1, 1, True), (3, 3, 2, 2, 1, 1, 1, 1, True)):
+        kernel = kernels._kernel("conv_rows", geometry)
+        key = "netforge.kernels:conv_rows:" + ":".join(map(str, geometry))
+        assert kernel._uuid == key
+        for f in [kernel, *(c.cell_contents for c in kernel.py_func.__closure__)]:
+            if hasattr(f, "py_func"):
+                names.add(f.py_func.__qualname__)
+                uuids.add(f._uuid)
+    assert len(names) == len(uuids) == 6  # per geometry a kernel and its im2col; rows_to_images
+    # with and without a bias, shared
+    assert kernels._kernel("im2col_hwc", (3, 3, 2, 2, 1, 1, 1, 1)).py_func.__qualname__.endswith(
+        "_im2col_hwc_3_3_2_2_1_1_1_1")

@@ -12,6 +12,7 @@ Install with ``pip install netforge[fast]``; set NETFORGE_NUMBA=0 to turn them o
 from __future__ import annotations
 
 import os
+import re
 import threading
 from typing import Any
 
@@ -71,16 +72,20 @@ def _kernel(kind: str, geometry: tuple[int, ...]) -> Any:
 # numba function pickles with a uuid drawn anew in each process: a kernel whose closure holds
 # another compiled function (pooling's window helpers, the fused convolutions' im2col) was
 # compiled again in every process (~1 s each). Each such function gets a uuid derived from the
-# key that made it instead, which is the same in every process.
+# key that made it instead, which is the same in every process. Its qualified name gets the key
+# too: numba names a function's machine code by qualified name and a per-process counter, so a
+# kernel loaded from the cache could otherwise link to another geometry's helper compiled in
+# this process under the same name (seen: wrong outputs, then a corrupted heap).
 def _stable_uuids(kernel: Any, name: str) -> None:
+    try:
+        kernel._set_uuid(name)
+    except (AssertionError, AttributeError):  # named already (made by _kernel), or another numba
+        return
+    kernel.py_func.__qualname__ += "_" + re.sub(r"\W", "_", name.split(":", 1)[-1])
     for cell in kernel.py_func.__closure__ or ():
         inner = cell.cell_contents
         if hasattr(inner, "py_func"):
             _stable_uuids(inner, f"{name}/{inner.py_func.__name__}")
-    try:
-        kernel._set_uuid(name)
-    except (AssertionError, AttributeError):  # set already (made by _kernel), or another numba
-        pass
 
 
 # -- im2col and its adjoint col2im, in two column layouts ------------------------------------------
