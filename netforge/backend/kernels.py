@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from netforge.backend.blas import NO_TRANS, ROW_MAJOR, TRANS
+
 try:  # pragma: no cover - depends on the environment
     if os.environ.get("NETFORGE_NUMBA", "1") == "0":
         raise ImportError("disabled by NETFORGE_NUMBA=0")
@@ -544,8 +546,8 @@ def _make_conv_images(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: 
             col = cols[n:n + 1] if cols.shape[0] == n_img else cols[0:1]
             im2col(x[n:n + 1], col, oh, ow, x_lo, x_hi)
             out = y[n]
-            gemm(101, 111, 111, o_n, p, k, one, w.ctypes.data, k, col.ctypes.data, p,
-                 zero, out.ctypes.data, p)
+            gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, o_n, p, k, one, w.ctypes.data, k,
+                 col.ctypes.data, p, zero, out.ctypes.data, p)
             if with_bias:
                 for o in range(o_n):
                     b, line = bias[o], out[o]
@@ -555,53 +557,10 @@ def _make_conv_images(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: 
     return kernel
 
 
-def _make_conv_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
-                    channels_last: bool) -> Any:
-    """Per block of images: cols = im2col rows of x[block] (block·P, K); rows = cols · wt
-    (block·P, O); y[block] (O, P per image) = rows transposed (+ bias). ``cols`` holds every
-    image's rows (N·P, K) or one block's as scratch; ``rows`` one block's."""
-    geometry = (kh, kw, sh, sw, ph, pw, dh, dw)
-    layout = _kernel("im2col_hwc" if channels_last else "im2col_rows", geometry)
-    with_bias, without = _kernel("rows_to_images", (True,)), _kernel("rows_to_images", (False,))
-
-    @njit(nogil=True, cache=True)
-    def im2col(image: Any, cols: Any, oh: int, ow: int, bounds: Any) -> None:
-        if channels_last:
-            layout(image, cols, oh, ow)
-        else:
-            layout(image, cols, oh, ow, bounds[0], bounds[1], bounds[2], bounds[3])
-
-    @njit(nogil=True, cache=True)
-    def kernel(gemm: Any, x: Any, wt: Any, bias: Any, has_bias: bool, y: Any, cols: Any,
-               rows: Any, block: int, oh: int, ow: int, bounds: Any, flags: Any,
-               post: int) -> None:
-        _start_helpers(flags, post)
-        n_img = x.shape[0]
-        k, o_n = wt.shape
-        p = oh * ow
-        one, zero = wt.dtype.type(1.0), wt.dtype.type(0.0)
-        for n0 in range(0, n_img, block):
-            n1 = min(n0 + block, n_img)
-            at = n0 * p if cols.shape[0] == n_img * p else 0
-            col = cols[at:at + (n1 - n0) * p]
-            out = rows[:(n1 - n0) * p]
-            im2col(x[n0:n1], col, oh, ow, bounds)
-            gemm(101, 111, 111, (n1 - n0) * p, o_n, k, one, col.ctypes.data, k,
-                 wt.ctypes.data, o_n, zero, out.ctypes.data, o_n)
-            if has_bias:
-                with_bias(out, bias, y[n0:n1])
-            else:
-                without(out, bias, y[n0:n1])
-
-    return kernel
-
-
-def _make_conv_rows_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
-                             dw: int, channels_last: bool) -> Any:
-    """Per block of images: rows = dy[block] as rows (block·P, O); dW (O, K) += rowsᵀ · cols
-    (the block's im2col rows, kept from forward or made again here); with ``down``, cols =
-    rows · W and dx[block] = col2im(cols). ``cols`` holds every image's rows (kept) or one
-    block's (scratch, with ``recompute``)."""
+def _make_row_columns(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
+                      channels_last: bool) -> Any:
+    """im2col (or with ``back`` col2im) in the row layout, entries (i, j, c) or (c, i, j): one
+    signature for both, for the fused kernels."""
     geometry = (kh, kw, sh, sw, ph, pw, dh, dw)
     name = "hwc" if channels_last else "rows"
     forward, adjoint = _kernel("im2col_" + name, geometry), _kernel("col2im_" + name, geometry)
@@ -617,6 +576,50 @@ def _make_conv_rows_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: in
             adjoint(image, cols, oh, ow, bounds[0], bounds[1], bounds[2], bounds[3])
         else:
             forward(image, cols, oh, ow, bounds[0], bounds[1], bounds[2], bounds[3])
+
+    return columns
+
+
+def _make_conv_rows(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
+                    channels_last: bool) -> Any:
+    """Per block of images: cols = im2col rows of x[block] (block·P, K); rows = cols · wt
+    (block·P, O); y[block] (O, P per image) = rows transposed (+ bias). ``cols`` holds every
+    image's rows (N·P, K) or one block's as scratch; ``rows`` one block's."""
+    columns = _kernel("row_columns", (kh, kw, sh, sw, ph, pw, dh, dw, channels_last))
+    with_bias, without = _kernel("rows_to_images", (True,)), _kernel("rows_to_images", (False,))
+
+    @njit(nogil=True, cache=True)
+    def kernel(gemm: Any, x: Any, wt: Any, bias: Any, has_bias: bool, y: Any, cols: Any,
+               rows: Any, block: int, oh: int, ow: int, bounds: Any, flags: Any,
+               post: int) -> None:
+        _start_helpers(flags, post)
+        n_img = x.shape[0]
+        k, o_n = wt.shape
+        p = oh * ow
+        one, zero = wt.dtype.type(1.0), wt.dtype.type(0.0)
+        for n0 in range(0, n_img, block):
+            n1 = min(n0 + block, n_img)
+            at = n0 * p if cols.shape[0] == n_img * p else 0
+            col = cols[at:at + (n1 - n0) * p]
+            out = rows[:(n1 - n0) * p]
+            columns(x[n0:n1], col, oh, ow, bounds, False)
+            gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, (n1 - n0) * p, o_n, k, one, col.ctypes.data,
+                 k, wt.ctypes.data, o_n, zero, out.ctypes.data, o_n)
+            if has_bias:
+                with_bias(out, bias, y[n0:n1])
+            else:
+                without(out, bias, y[n0:n1])
+
+    return kernel
+
+
+def _make_conv_rows_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
+                             dw: int, channels_last: bool) -> Any:
+    """Per block of images: rows = dy[block] as rows (block·P, O); dW (O, K) += rowsᵀ · cols
+    (the block's im2col rows, kept from forward or made again here); with ``down``, cols =
+    rows · W and dx[block] = col2im(cols). ``cols`` holds every image's rows (kept) or one
+    block's (scratch, with ``recompute``)."""
+    columns = _kernel("row_columns", (kh, kw, sh, sw, ph, pw, dh, dw, channels_last))
 
     @njit(nogil=True, cache=True)
     def kernel(gemm: Any, x: Any, dy: Any, w: Any, dw: Any, dx: Any, down: bool, cols: Any,
@@ -635,11 +638,11 @@ def _make_conv_rows_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: in
             if recompute:
                 columns(x[n0:n1], col, oh, ow, bounds, False)
             _images_to_rows(dy[n0:n1], r)
-            gemm(101, 112, 111, o_n, k, m, one, r.ctypes.data, o_n, col.ctypes.data, k,
-                 zero if n0 == 0 else one, dw.ctypes.data, k)
+            gemm(ROW_MAJOR, TRANS, NO_TRANS, o_n, k, m, one, r.ctypes.data, o_n,
+                 col.ctypes.data, k, zero if n0 == 0 else one, dw.ctypes.data, k)
             if down:  # the block's columns are used up: they take the column gradient
-                gemm(101, 111, 111, m, k, o_n, one, r.ctypes.data, o_n, w.ctypes.data, k,
-                     zero, col.ctypes.data, k)
+                gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, m, k, o_n, one, r.ctypes.data, o_n,
+                     w.ctypes.data, k, zero, col.ctypes.data, k)
                 columns(dx[n0:n1], col, oh, ow, bounds, True)
 
     return kernel
@@ -671,10 +674,10 @@ def _make_conv_images_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: 
             if recompute:
                 forward(x[n:n + 1], col, oh, ow, x_lo, x_hi)
             d = dy[n]
-            gemm(101, 111, 112, k, o_n, p, one, col.ctypes.data, p, d.ctypes.data, p,
+            gemm(ROW_MAJOR, NO_TRANS, TRANS, k, o_n, p, one, col.ctypes.data, p, d.ctypes.data, p,
                  zero if n == 0 else one, acc.ctypes.data, o_n)
             if down:  # the image's columns are used up: they take the column gradient
-                gemm(101, 112, 111, k, p, o_n, one, w.ctypes.data, k, d.ctypes.data, p,
+                gemm(ROW_MAJOR, TRANS, NO_TRANS, k, p, o_n, one, w.ctypes.data, k, d.ctypes.data, p,
                      zero, col.ctypes.data, p)
                 adjoint(dx[n:n + 1], col, oh, ow, x_lo, x_hi)
         for o in range(o_n):
@@ -686,12 +689,11 @@ def _make_conv_images_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: 
 
 def conv_backward_images(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
                          dw: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
-                         recompute: bool, geometry: tuple[int, ...],
+                         recompute: bool, geometry: tuple[int, ...], oh: int, ow: int,
                          post: tuple[np.ndarray, int] = NO_POST) -> None:
     """dW (O, K) = Σₙ dy[n] · colsₙᵀ and, unless ``dx`` is None, dx = col2im(wᵀ · dy[n]) per
     image, for dy (N, O, P); ``cols`` holds the kept columns (N, K, P) or is one image's
     scratch (``recompute``); contiguous arrays of one dtype."""
-    oh, ow = _out_hw(x, geometry)
     _kernel("conv_images_backward", geometry)(
         gemm, x, dy, w, dw, x if dx is None else dx, dx is not None, cols, recompute, oh, ow,
         *_column_bounds(x.shape[3], ow, geometry), *post)
@@ -699,13 +701,13 @@ def conv_backward_images(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray
 
 def conv_backward_rows(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray, dw: np.ndarray,
                        dx: np.ndarray | None, cols: np.ndarray, rows: np.ndarray,
-                       recompute: bool, block: int, geometry: tuple[int, ...],
-                       channels_last: bool, post: tuple[np.ndarray, int] = NO_POST) -> None:
+                       recompute: bool, block: int, geometry: tuple[int, ...], oh: int,
+                       ow: int, channels_last: bool,
+                       post: tuple[np.ndarray, int] = NO_POST) -> None:
     """dW (O, K) = Σ rowsᵀ · cols and, unless ``dx`` is None, dx = col2im(rows · w), for dy
     (N, O, P) as rows, ``block`` images at a time; ``cols`` holds the kept im2col rows of x
     (N·P, K), or is block-sized scratch they are made in again (``recompute``); contiguous
     arrays of one dtype."""
-    oh, ow = _out_hw(x, geometry)
     bounds = np.array(_window_bounds(x.shape[2], x.shape[3], oh, ow, geometry), np.int64)
     _kernel("conv_rows_backward", (*geometry, channels_last))(
         gemm, x, dy, w, dw, x if dx is None else dx, dx is not None, cols, rows, recompute,
@@ -713,11 +715,10 @@ def conv_backward_rows(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray, 
 
 
 def conv_forward_images(gemm: Any, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
-                        y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...],
-                        post: tuple[np.ndarray, int] = NO_POST) -> None:
+                        y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...], oh: int,
+                        ow: int, post: tuple[np.ndarray, int] = NO_POST) -> None:
     """y (N, O, P) = w (O, K) · im2col(x)ₙ (+ bias) per image, its columns written into
     ``cols`` (N, K, P) or (1, K, P); contiguous arrays of one dtype, ``gemm`` its CBLAS GEMM."""
-    oh, ow = _out_hw(x, geometry)
     _kernel("conv_images", geometry)(gemm, x, w, w[0] if bias is None else bias,
                                      bias is not None, y, cols, oh, ow,
                                      *_column_bounds(x.shape[3], ow, geometry), *post)
@@ -725,26 +726,20 @@ def conv_forward_images(gemm: Any, x: np.ndarray, w: np.ndarray, bias: np.ndarra
 
 def conv_forward_rows(gemm: Any, x: np.ndarray, wt: np.ndarray, bias: np.ndarray | None,
                       y: np.ndarray, cols: np.ndarray, rows: np.ndarray, block: int,
-                      geometry: tuple[int, ...], channels_last: bool,
+                      geometry: tuple[int, ...], oh: int, ow: int, channels_last: bool,
                       post: tuple[np.ndarray, int] = NO_POST) -> None:
     """y (N, O, P) = (im2col rows of x) · wt (K, O) (+ bias), ``block`` images at a time; the
     rows written into ``cols`` (N·P, K) or (block·P, K), the products into ``rows``
     (block·P, O); contiguous arrays of one dtype."""
-    oh, ow = _out_hw(x, geometry)
     bounds = np.array(_window_bounds(x.shape[2], x.shape[3], oh, ow, geometry), np.int64)
     _kernel("conv_rows", (*geometry, channels_last))(
         gemm, x, wt, wt[0] if bias is None else bias, bias is not None, y, cols, rows, block,
         oh, ow, bounds, *post)
 
 
-def _out_hw(x: np.ndarray, geometry: tuple[int, ...]) -> tuple[int, int]:
-    kh, kw, sh, sw, ph, pw, dh, dw = geometry
-    return ((x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-            (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
-
-
 _FACTORIES: dict[str, Any] = {
     "conv_images": _make_conv_images,
+    "row_columns": _make_row_columns,
     "conv_rows": _make_conv_rows,
     "conv_rows_backward": _make_conv_rows_backward,
     "conv_images_backward": _make_conv_images_backward,

@@ -227,6 +227,12 @@ class NumpyBackend(Backend):
             return n
         return min(n, max(1, self.block_bytes // max(image_bytes, 1)))
 
+    @staticmethod
+    def _out_hw(x: np.ndarray, geometry: tuple[int, ...]) -> tuple[int, int]:
+        kh, kw, sh, sw, ph, pw, dh, dw = geometry
+        return (conv_out_size(x.shape[2], kh, sh, ph, dh),
+                conv_out_size(x.shape[3], kw, sw, pw, dw))
+
     def conv_forward_images(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
                             y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...]) -> None:
         gemm = self._fused_gemm(y, x, w, bias, cols)
@@ -234,7 +240,7 @@ class NumpyBackend(Backend):
             super().conv_forward_images(x, w, bias, y, cols, geometry)
         else:
             kernels.conv_forward_images(gemm, x, w, bias, y, cols, geometry,
-                                        self._pool.take_post())
+                                        *self._out_hw(x, geometry), self._pool.take_post())
 
     def conv_forward_rows(self, x: np.ndarray, wt: np.ndarray, bias: np.ndarray | None,
                           y: np.ndarray, cols: np.ndarray, rows: np.ndarray,
@@ -248,7 +254,8 @@ class NumpyBackend(Backend):
         if min(cols.shape[0], rows.shape[0]) < block * p:
             raise ValueError(f"conv_forward_rows: buffers for {block} images needed")
         kernels.conv_forward_rows(gemm, x, wt, bias, y, cols, rows, block, geometry,
-                                  channels_last, self._pool.take_post())
+                                  *self._out_hw(x, geometry), channels_last,
+                                  self._pool.take_post())
 
     def conv_backward_images(self, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
                              dw: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
@@ -260,7 +267,7 @@ class NumpyBackend(Backend):
             raise ValueError("conv_backward_images: kept columns for every image needed")
         else:
             kernels.conv_backward_images(gemm, x, dy, w, dw, dx, cols, recompute, geometry,
-                                         self._pool.take_post())
+                                         *self._out_hw(x, geometry), self._pool.take_post())
 
     def conv_backward_rows(self, x: np.ndarray, dy: np.ndarray, w: np.ndarray, dw: np.ndarray,
                            dx: np.ndarray | None, cols: np.ndarray, rows: np.ndarray,
@@ -277,7 +284,8 @@ class NumpyBackend(Backend):
                 not recompute and cols.shape[0] != n * p):
             raise ValueError(f"conv_backward_rows: buffers for {block} images needed")
         kernels.conv_backward_rows(gemm, x, dy, w, dw, dx, cols, rows, recompute, block,
-                                   geometry, channels_last, self._pool.take_post())
+                                   geometry, *self._out_hw(x, geometry), channels_last,
+                                   self._pool.take_post())
 
     # ReLU as one compiled pass per part of the flattened array, on every worker (NumPy's
     # expressions make temporaries and run on one core): cifar10_quick's three ReLUs (26 MB
