@@ -597,60 +597,73 @@ def test_convolution_backward_twice_gives_the_same_gradients() -> None:
 @pytest.mark.parametrize("params", [
     "num_output: 4 kernel_size: 3 pad: 1",
     "num_output: 3 kernel_size: 5 pad: 2 stride: 1",
-    "num_output: 4 kernel_size: 3 stride: 1 dilation: 2 pad: 2"])
+    "num_output: 4 kernel_size: 3 stride: 1 dilation: 2 pad: 2",
+    "num_output: 4 kernel_h: 3 kernel_w: 2 stride_h: 1 stride_w: 2 pad_h: 1 pad_w: 3"])
 @pytest.mark.parametrize("channels", [2, 8])  # 8: large enough for the compiled im2col
-def test_convolution_per_image_products_match_the_row_layout(
-        monkeypatch: pytest.MonkeyPatch, params: str, channels: int) -> None:
-    """Layers with more output pixels than column entries use one GEMM per image on Caffe's
-    column layout; results must equal the row layout's (which the PyTorch oracle tests
-    cover)."""
+def test_convolution_layouts_agree(monkeypatch: pytest.MonkeyPatch, params: str,
+                                   channels: int) -> None:
+    """One GEMM per image on Caffe's column layout, kh GEMMs per image on the row-shift
+    columns, and the row layout (which the PyTorch oracle tests cover) give the same outputs
+    and gradients."""
     from netforge.layers.vision import _ConvolutionBase
     from tests.helpers import blob, make_layer, tops
 
     rng = np.random.default_rng(12)
     x = rng.normal(size=(8, channels, 16, 17))  # 16·17 = 272 output pixels
-    results, used = [], []
-    for per_image in (True, False):
-        if not per_image:
-            monkeypatch.setattr(_ConvolutionBase, "_per_image", lambda self, pixels: False)
+    results = []
+    for layout in ("rows", "images", "shifted"):
+        monkeypatch.setattr(_ConvolutionBase, "_layout",
+                            lambda self, pixels, dtype, layout=layout: layout)
         layer = make_layer("Convolution", f"convolution_param {{ {params} "
                                           "weight_filler { type: 'gaussian' } "
                                           "bias_filler { type: 'gaussian' } }")
         bottom, top = [blob(data=x.copy())], tops(1)
         layer.setup(bottom, top)
         layer.reshape(bottom, top)
-        used.append(layer._per_image(top[0].shape[2] * top[0].shape[3]))
         layer.forward(bottom, top)
         top[0].diff[...] = np.random.default_rng(13).normal(size=top[0].shape)
         layer.backward(top, [True], bottom)
         results.append((top[0].data.copy(), bottom[0].diff.copy(),
                         [b.diff.copy() for b in layer.blobs]))
-    assert used == [True, False]  # the per-image path ran, then the row layout
-    (y1, dx1, g1), (y2, dx2, g2) = results
-    np.testing.assert_allclose(y1, y2, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dx1, dx2, rtol=1e-12, atol=1e-12)
-    for a, b in zip(g1, g2, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    (y1, dx1, g1) = results[0]
+    assert np.abs(dx1).max() > 0 and np.abs(g1[0]).max() > 0
+    for y2, dx2, g2 in results[1:]:
+        np.testing.assert_allclose(y2, y1, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dx2, dx1, rtol=1e-12, atol=1e-12)
+        for a, b in zip(g2, g1, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_convolution_layout_choice() -> None:
-    """Per image when an image has at least 256 output pixels and no fewer than its column
-    entries (LeNet's conv1); the row layout otherwise (LeNet's conv2, grouped layers)."""
+    """With a backend that fuses the row-shift products: those for a stride of 1 in height,
+    no groups and at least 64 output pixels. Otherwise per image when an image has at least
+    256 output pixels and no fewer than its column entries (LeNet's conv1 without numba); the
+    row layout for the rest (LeNet's conv2 without numba, grouped layers)."""
     from tests.helpers import blob, make_layer, tops
 
-    def per_image(channels: int, size: int, extra: str = "") -> bool:
+    def layout(channels: int, size: int, extra: str = "", fused: bool = True) -> str:
         layer = make_layer("Convolution", f"convolution_param {{ num_output: 4 kernel_size: 5 "
                                           f"{extra} }}")
+        layer.backend = NumpyBackend("float64", compiled=fused)
         bottom, top = [blob(data=np.zeros((1, channels, size, size)))], tops(1)
         layer.setup(bottom, top)
         layer.reshape(bottom, top)
-        return bool(layer._per_image(top[0].shape[2] * top[0].shape[3]))
+        return str(layer._layout(top[0].shape[2] * top[0].shape[3], bottom[0].data.dtype))
 
-    assert per_image(1, 28)                   # 576 pixels, 25 entries
-    assert not per_image(20, 12)              # 64 pixels
-    assert not per_image(20, 24)              # 400 pixels, 500 entries
-    assert per_image(20, 30)                  # 676 pixels, 500 entries
-    assert not per_image(2, 28, "group: 2")   # grouped: the row layout's group slices
+    assert layout(1, 28, fused=False) == "images"      # 576 pixels, 25 entries
+    assert layout(20, 12, fused=False) == "rows"       # 64 pixels
+    assert layout(20, 24, fused=False) == "rows"       # 400 pixels, 500 entries
+    assert layout(20, 30, fused=False) == "images"     # 676 pixels, 500 entries
+    assert layout(2, 28, "group: 2", fused=False) == "rows"  # grouped: the group slices
+    if not NumpyBackend().fuses_conv("float64"):
+        return
+    assert layout(1, 28) == layout(20, 12) == layout(20, 24) == "shifted"
+    assert layout(20, 11) == "rows"                    # 49 pixels
+    assert layout(2, 28, "group: 2") == "rows"
+    assert layout(3, 40, "stride: 2") == "images"      # 324 pixels, 75 entries
+    assert layout(3, 28, "stride: 2") == "rows"        # 144 pixels
+    assert layout(3, 28, "stride_h: 1 stride_w: 2") == "shifted"
+    assert layout(3, 40, "stride_h: 2 stride_w: 1") == "images"
 
 
 @pytest.mark.parametrize(("layer_type", "channels", "params", "expected"), [
@@ -787,7 +800,7 @@ def test_fused_convolution_forward_gives_the_unfused_bits(
     image's columns left in a full buffer and with block-sized scratch, with and without a
     bias, blocks that do not divide the batch."""
     from netforge.backend.base import Backend
-    from netforge.backend.numpy_backend import conv_out_size
+    from netforge.backend.base import conv_out_size
 
     n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw = case
     geometry = case[4:]
@@ -836,8 +849,10 @@ def test_fused_convolution_forward_gives_the_unfused_bits(
 @fused_available
 @pytest.mark.parametrize("phase", ["TRAIN", "TEST"])
 @pytest.mark.parametrize(("channels", "size", "params"), [
-    (1, 20, "num_output: 6 kernel_size: 5"),  # per image (LeNet's conv1)
-    (6, 10, "num_output: 5 kernel_size: 3 pad: 1"),  # rows, (c, i, j)
+    (1, 20, "num_output: 6 kernel_size: 5"),  # row-shift (LeNet's conv1)
+    (6, 10, "num_output: 5 kernel_size: 3 pad: 1"),  # row-shift, padded
+    (3, 40, "num_output: 4 kernel_size: 5 stride: 2"),  # per image
+    (6, 7, "num_output: 5 kernel_size: 3 pad: 1"),  # rows, (c, i, j)
     (32, 9, "num_output: 4 kernel_size: 3 stride: 2 pad: 1")])  # rows, (i, j, c)
 def test_convolution_with_the_fused_forward_matches_numpy(phase: str, channels: int, size: int,
                                                           params: str) -> None:
@@ -884,7 +899,7 @@ def test_fused_convolution_backward_matches_the_unfused_steps(case: tuple[int, .
     forward or made again, with and without the bottom gradient, blocks of one image and of
     three."""
     from netforge.backend.base import Backend
-    from netforge.backend.numpy_backend import conv_out_size
+    from netforge.backend.base import conv_out_size
 
     n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw = case
     geometry, last = case[4:], layout == "hwc"
@@ -929,6 +944,108 @@ def test_fused_convolution_backward_matches_the_unfused_steps(case: tuple[int, .
                     assert (got_dx == 8.0).all()
                     if not recompute:  # the kept columns stay usable
                         np.testing.assert_array_equal(buffer, cols)
+
+
+SHIFTED = [  # n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw: stride 1 in height
+    BIG[0],
+    BIG[2],
+    (3, 4, 10, 9, 3, 3, 1, 2, 2, 5, 1, 2),  # columns of x wholly in the padding
+    (2, 3, 6, 7, 1, 1, 1, 1, 0, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", SHIFTED)
+def test_shifted_columns_hold_caffes_columns_row_by_row(case: tuple[int, ...],
+                                                        dtype: str) -> None:
+    """Row-shift columns (N, C·kw, (H + 2·ph)·ow): window i (entries i·dh·ow to i·dh·ow + P)
+    of row c·kw + j is Caffe's column row (c, i, j), bit for bit; the compiled kernel and its
+    adjoint give the NumPy steps' bits, and the adjoint is the transpose."""
+    from netforge.backend import kernels
+    from netforge.backend.base import Backend, conv_out_size
+
+    n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw = case
+    geometry = case[4:]
+    backend = NumpyBackend(dtype, compiled=False)
+    oh, ow = conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
+    rng = np.random.default_rng(51)
+    x = rng.normal(size=(n, c, h, w)).astype(dtype)
+    cols = Backend.shifted_columns(backend, x, geometry)
+    assert cols.shape == (n, c * kw, (h + 2 * ph) * ow)
+    caffe = backend.im2col(x, *geometry).reshape(n, c, kh, kw, oh * ow)
+    for i in range(kh):
+        window = cols.reshape(n, c, kw, -1)[..., i * dh * ow:i * dh * ow + oh * ow]
+        assert window.tobytes() == np.ascontiguousarray(caffe[:, :, i]).tobytes()
+    r = rng.normal(size=cols.shape).astype(dtype)
+    back = Backend.shifted_columns_adjoint(backend, r, x.shape, geometry)
+    tol = 1e-4 if dtype == "float32" else 1e-12
+    assert float((cols * r).sum()) == pytest.approx(float((x * back).sum()), rel=tol)
+    if not kernels.AVAILABLE:
+        return
+    got = np.full(cols.shape, 7.0, dtype)
+    kernels.columns(x, got, geometry, oh, ow, "shifted", adjoint=False)
+    assert got.tobytes() == cols.tobytes()
+    image = np.full(x.shape, 8.0, dtype)
+    kernels.columns(image, r, geometry, oh, ow, "shifted", adjoint=True)
+    assert image.tobytes() == back.tobytes()
+
+
+@fused_available
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", SHIFTED)
+def test_fused_shifted_convolution_matches_the_numpy_steps(case: tuple[int, ...],
+                                                           dtype: str) -> None:
+    """conv_forward_shifted / conv_backward_shifted as one compiled call per part (per image:
+    the columns, kh GEMMs accumulating in place, the bias; backward the weight gradient per
+    window, the column gradient and its col2im) against the Backend defaults' NumPy steps and
+    a convolution made from Caffe's columns: with every image's columns kept and with one
+    image's scratch, with and without a bias and the bottom gradient."""
+    from netforge.backend.base import Backend, conv_out_size
+
+    n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw = case
+    geometry = case[4:]
+    fast = NumpyBackend(dtype)
+    fast.compiled_min = 1
+    rng = np.random.default_rng(61)
+    x = rng.normal(size=(n, c, h, w)).astype(dtype)
+    o = 5
+    p = conv_out_size(h, kh, sh, ph, dh) * conv_out_size(w, kw, sw, pw, dw)
+    weights = rng.normal(size=(o, c, kh, kw)).astype(dtype)
+    wk = np.ascontiguousarray(weights.transpose(2, 0, 1, 3).reshape(kh, o, c * kw))
+    dy = rng.normal(size=(n, o, p)).astype(dtype)
+    caffe = fast.im2col(x, *geometry)  # (N, K, P)
+    tol = 1e-4 if dtype == "float32" else 1e-12
+    cols = Backend.shifted_columns(fast, x, geometry)
+    for bias in (rng.normal(size=o).astype(dtype), None):
+        want = np.matmul(weights.reshape(o, -1), caffe)
+        if bias is not None:
+            want += bias.reshape(1, -1, 1)
+        for kind in (Backend, NumpyBackend):
+            for buffer in (np.full(cols.shape, 6.0, dtype), np.empty((1, *cols.shape[1:]), dtype)):
+                got = np.full((n, o, p), 4.0, dtype)
+                kind.conv_forward_shifted(fast, x, wk, bias, got, buffer, geometry)
+                np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+                if buffer.shape[0] == n:  # kept for backward: every image's columns
+                    assert buffer.tobytes() == cols.tobytes()
+
+    want_dw = np.einsum("nop,nkp->ok", dy, caffe).reshape(weights.shape)
+    want_dx = fast.col2im(np.matmul(weights.reshape(o, -1).T, dy), x.shape, *geometry)
+    for kind in (Backend, NumpyBackend):
+        for recompute in (False, True):
+            for down in (True, False):
+                dwk, dx = np.full(wk.shape, 7.0, dtype), np.full(x.shape, 8.0, dtype)
+                buffer = (np.full((1, *cols.shape[1:]), 9.0, dtype) if recompute
+                          else cols.copy())
+                kind.conv_backward_shifted(fast, x, dy, wk, dwk, dx if down else None, buffer,
+                                           geometry, recompute)
+                np.testing.assert_allclose(dwk.reshape(kh, o, c, kw).transpose(1, 2, 0, 3),
+                                           want_dw, rtol=tol, atol=tol * 10)
+                if down:
+                    np.testing.assert_allclose(dx, want_dx, rtol=tol, atol=tol * 10)
+                else:
+                    assert (dx == 8.0).all()
+                    if not recompute:  # the kept columns stay usable
+                        assert buffer.tobytes() == cols.tobytes()
 
 
 @kernels_available

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -57,22 +59,35 @@ def test_convolution_gradient(extra: str) -> None:
 
 
 # Layers with at least 256 output pixels (and no fewer than their column entries) run one GEMM
-# per image on Caffe's column layout, with the bias folded into it (a row of ones).
+# per image on Caffe's column layout; with the compiled kernels, layers of stride 1 in height
+# with at least 64 run kh GEMMs per image on the row-shift columns.
 PER_IMAGE = ["num_output: 3 kernel_size: 3 pad: 1", "num_output: 2 kernel_size: 3 pad: 1 "
              "bias_term: false", "num_output: 2 kernel_size: 3 pad: 2 dilation: 2"]
 
 
+@pytest.mark.parametrize("layout", ["images", "shifted"])
 @pytest.mark.parametrize("extra", PER_IMAGE, ids=["bias", "no_bias", "dilation"])
 @pytest.mark.parametrize("phase", [None, PHASE_TEST], ids=["train", "test"])
-def test_convolution_per_image_path(extra: str, phase: int | None) -> None:
+def test_convolution_per_image_paths(extra: str, phase: int | None, layout: str) -> None:
     """Forward against naive loops, gradients by finite differences, and forward/backward
-    against the row layout's, on a layer large enough for the per-image GEMMs."""
+    against the row layout's, on a layer large enough for the per-image GEMMs (on Caffe's
+    columns, or on the row-shift ones: compiled, or the NumPy steps without numba)."""
     kwargs = {} if phase is None else {"phase": phase}
+
+    def conv(chosen: str) -> Any:
+        lay = make_layer("Convolution", conv_params(extra), **kwargs)
+        lay._layout = lambda pixels, dtype: chosen  # type: ignore[method-assign]
+        return lay
+
     layer = make_layer("Convolution", conv_params(extra), **kwargs)
     x = blob((2, 2, 16, 16))
     top = tops(1)
     run_forward(layer, [x], top)
     assert layer._per_image(top[0].shape[2] * top[0].shape[3])
+    assert layer._layout(256, x.data.dtype) == (
+        "shifted" if layer.backend.fuses_conv(x.data.dtype) else "images")
+    layer = conv(layout)
+    run_forward(layer, [x], top)
     w = layer.blobs[0].data
     b = layer.blobs[1].data if len(layer.blobs) > 1 else np.zeros(w.shape[0])
     dil = (2, 2) if "dilation" in extra else (1, 1)
@@ -81,12 +96,9 @@ def test_convolution_per_image_path(extra: str, phase: int | None) -> None:
                                rtol=1e-12, atol=1e-12)
 
     # (run_forward sets a layer up again, with new weights: fresh layers for the comparison)
-    images = make_layer("Convolution", conv_params(extra), **kwargs)
-    rows = make_layer("Convolution", conv_params(extra), **kwargs)
-    rows._per_image = lambda pixels: False  # type: ignore[method-assign]
     dy = np.random.default_rng(7).normal(size=top[0].shape)
     grads = []
-    for lay in (images, rows):
+    for lay in (conv(layout), conv("rows")):
         xb, t = blob((2, 2, 16, 16)), tops(1)
         run_forward(lay, [xb], t)
         t[0].diff[...] = dy
@@ -97,7 +109,7 @@ def test_convolution_per_image_path(extra: str, phase: int | None) -> None:
     for got, want in zip(*grads, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
-    checked = make_layer("Convolution", conv_params(extra), **kwargs)
+    checked = conv(layout)
     result = GradientChecker(1e-2, 1e-3).check(checked, [blob((1, 2, 16, 16))], tops(1))
     assert result.checked > 0 and result.ok, result.failures[:5]
 

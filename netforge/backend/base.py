@@ -12,6 +12,11 @@ import numpy as np
 T = TypeVar("T")
 
 
+def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    """Caffe's convolution output size: floor((size + 2p - (d(k-1)+1)) / s) + 1."""
+    return (size + 2 * p - (d * (k - 1) + 1)) // s + 1
+
+
 def even_slices(n: int, count: int) -> list[slice]:
     """[0, n) cut into at most ``count`` (at least one) consecutive slices of equal size, the
     last possibly shorter."""
@@ -189,6 +194,78 @@ class Backend(ABC):
         if dx is not None:
             self.col2im_rows(self.xp.matmul(r, w, out=col), dx.shape, *geometry, out=dx,
                              channels_last=channels_last)
+
+    # -- a convolution in the row-shift layout: stride 1 in height, no groups ---------------------
+    # Columns that hold each padded input row once per kernel column j (C·kw rows of
+    # (H + 2·ph)·ow entries per image) instead of once per kernel entry (i, j): kernel row i is
+    # the window of those columns shifted by i·dh·ow, and the convolution is kh GEMMs over
+    # windows of one buffer (a memory-efficient convolution: Cho & Brand, ICML 2017). kh times
+    # less im2col and col2im. Weights as wk (kh, O, C·kw) = W transposed (i, o, c, j).
+    def shifted_columns(self, x: Any, geometry: tuple[int, ...], out: Any = None) -> Any:
+        """(N, C, H, W) -> (N, C·kw, (H + 2·ph)·ow): entry (c·kw + j, y·ow + x) is pixel
+        (y, x·sw + j·dw) of the zero-padded image."""
+        _, kw, _, sw, ph, pw, _, dw = geometry
+        n, c, h, w = x.shape
+        ow = conv_out_size(w, kw, sw, pw, dw)
+        rows = h + 2 * ph
+        if out is None:
+            out = self.empty((n, c * kw, rows * ow), x.dtype)
+        padded, view = self.pad(x, ph, pw), out.reshape(n, c, kw, rows, ow)
+        for j in range(kw):
+            view[:, :, j] = padded[:, :, :, j * dw:j * dw + (ow - 1) * sw + 1:sw]
+        return out
+
+    def shifted_columns_adjoint(self, cols: Any, shape: tuple[int, ...],
+                                geometry: tuple[int, ...], out: Any = None) -> Any:
+        """The adjoint of ``shifted_columns``: each entry summed back into its pixel (in j
+        order), the padding dropped."""
+        _, kw, _, sw, ph, pw, _, dw = geometry
+        n, c, h, w = shape
+        ow = conv_out_size(w, kw, sw, pw, dw)
+        padded = self.zeros((n, c, h + 2 * ph, w + 2 * pw), cols.dtype)
+        view = cols.reshape(n, c, kw, h + 2 * ph, ow)
+        for j in range(kw):
+            padded[:, :, :, j * dw:j * dw + (ow - 1) * sw + 1:sw] += view[:, :, j]
+        if out is None:
+            out = self.empty(shape, cols.dtype)
+        out[...] = padded[:, :, ph:ph + h, pw:pw + w]
+        return out
+
+    def conv_forward_shifted(self, x: Any, wk: Any, bias: Any, y: Any, cols: Any,
+                             geometry: tuple[int, ...]) -> None:
+        """y (N, O, P) = Σᵢ wk[i] (O, C·kw) · window i of the row-shift columns of x[n]
+        (entries i·dh·ow to i·dh·ow + P) (+ ``bias``), for a stride of 1 in height. ``cols``
+        (N, C·kw, rows·ow) is left holding every image's columns; a smaller one is scratch."""
+        kh, dh = geometry[0], geometry[6]
+        n, p = x.shape[0], y.shape[2]
+        col = self.shifted_columns(x, geometry, out=cols if cols.shape[0] == n else None)
+        step = dh * (col.shape[2] // (x.shape[2] + 2 * geometry[4]))
+        self.xp.matmul(wk[0], col[:, :, :p], out=y)
+        for i in range(1, kh):
+            y += self.xp.matmul(wk[i], col[:, :, i * step:i * step + p])
+        if bias is not None:
+            y += bias.reshape(1, -1, 1)
+
+    def conv_backward_shifted(self, x: Any, dy: Any, wk: Any, dwk: Any, dx: Any, cols: Any,
+                              geometry: tuple[int, ...], recompute: bool) -> None:
+        """For dy (N, O, P): dwk[i] (O, C·kw) = Σₙ dyₙ · (window i of colsₙ)ᵀ and, unless dx
+        is None, dx = the adjoint of the columns of Σᵢ wk[i]ᵀ · dyₙ placed at window i.
+        ``cols`` holds the row-shift columns of x kept from forward (used up when dx is made),
+        or with ``recompute`` is a buffer to make them in again, which may hold one image's."""
+        kh, dh = geometry[0], geometry[6]
+        n, p = dy.shape[0], dy.shape[2]
+        col = cols
+        if recompute:
+            col = self.shifted_columns(x, geometry, out=cols if cols.shape[0] == n else None)
+        step = dh * (col.shape[2] // (x.shape[2] + 2 * geometry[4]))
+        for i in range(kh):
+            window = col[:, :, i * step:i * step + p]
+            dwk[i] = self.xp.matmul(dy, window.transpose(0, 2, 1)).sum(axis=0)
+        if dx is not None:
+            col[...] = 0
+            for i in range(kh):
+                col[:, :, i * step:i * step + p] += self.xp.matmul(wk[i].T, dy)
+            self.shifted_columns_adjoint(col, dx.shape, geometry, out=dx)
 
     # -- ReLU, written into a given array (in place when it is the input) -----------------------
     def relu(self, x: Any, y: Any, slope: float) -> None:

@@ -227,6 +227,48 @@ def _make_images(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, 
     return kernel
 
 
+def _make_shifted(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int, dw: int,
+                  adjoint: bool) -> Any:
+    """The row-shift layout (N, C·kw, rows·ow), rows = H + 2·ph: entry (c·kw + j, y·ow + x)
+    holds the padded image's pixel (y, x·sw + j·dw) (0 in the padding). Each padded input row
+    appears once per j instead of once per (i, j): kh times fewer entries than Caffe's columns
+    (conv_forward_shifted reads the kernel row i as the window shifted by i·dh·ow)."""
+    @njit(nogil=True, cache=True)
+    def kernel(image: Any, cols: Any, ow: int) -> None:
+        n_img, c_in, h, w = image.shape
+        rows = cols.shape[2] // ow
+        for n in range(n_img):
+            if adjoint:
+                image[n] = 0.0
+            for c in range(c_in):
+                for j in range(kw):
+                    col = cols[n, c * kw + j]
+                    shift = j * dw - pw
+                    lo = min(max(0, -(shift // sw)), ow)  # the x whose pixel is inside
+                    hi = max(lo, min(ow, (w - 1 - shift) // sw + 1))
+                    for y in range(rows):
+                        hy = y - ph
+                        base = y * ow
+                        if hy < 0 or hy >= h:  # a row of padding
+                            if not adjoint:
+                                for xx in range(ow):
+                                    col[uintp(base + xx)] = 0.0
+                            continue
+                        line = image[n, c, hy]
+                        if not adjoint:
+                            for xx in range(lo):
+                                col[uintp(base + xx)] = 0.0
+                            for xx in range(hi, ow):
+                                col[uintp(base + xx)] = 0.0
+                        for xx in range(lo, hi):
+                            if adjoint:
+                                line[uintp(xx * sw + shift)] += col[uintp(base + xx)]
+                            else:
+                                col[uintp(base + xx)] = line[uintp(xx * sw + shift)]
+
+    return kernel
+
+
 def _window_bounds(h: int, w: int, oh: int, ow: int,
                    geometry: tuple[int, ...]) -> tuple[int, int, int, int]:
     """The output rows [y_lo, y_hi) and columns [x_lo, x_hi) whose windows lie inside."""
@@ -256,6 +298,9 @@ def columns(image: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...], oh: 
         bounds = _column_bounds(w, ow, geometry)
     else:
         bounds = ()
+    if layout == "shifted":
+        _kernel(("col2im_" if adjoint else "im2col_") + layout, geometry)(image, cols, ow)
+        return
     _kernel(("col2im_" if adjoint else "im2col_") + layout, geometry)(image, cols, oh, ow,
                                                                       *bounds)
 
@@ -687,6 +732,104 @@ def _make_conv_images_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: 
     return kernel
 
 
+def _make_conv_shifted(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
+                       dw: int) -> Any:
+    """Per image: cols[n] = the row-shift columns of x[n] (C·kw, rows·ow); y[n] (O, P) =
+    Σᵢ wk[i] (O, C·kw) · cols[n][:, i·dh·ow : i·dh·ow + P] (+ bias): kh GEMMs over windows of
+    the same columns (stride 1 in height). ``cols`` holds every image's (N, C·kw, rows·ow)
+    or one image's as scratch."""
+    im2col = _kernel("im2col_shifted", (kh, kw, sh, sw, ph, pw, dh, dw))
+
+    @njit(nogil=True, cache=True)
+    def kernel(gemm: Any, x: Any, wk: Any, bias: Any, with_bias: bool, y: Any, cols: Any,
+               oh: int, ow: int, flags: Any, post: int) -> None:
+        _start_helpers(flags, post)
+        n_img = x.shape[0]
+        o_n, ck = wk.shape[1], wk.shape[2]
+        p, width = oh * ow, cols.shape[2]
+        one, zero = wk.dtype.type(1.0), wk.dtype.type(0.0)
+        for n in range(n_img):
+            col = cols[n:n + 1] if cols.shape[0] == n_img else cols[0:1]
+            im2col(x[n:n + 1], col, ow)
+            out = y[n]
+            for i in range(kh):
+                gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, o_n, p, ck, one, wk[i].ctypes.data, ck,
+                     col.ctypes.data + i * dh * ow * col.itemsize, width,
+                     zero if i == 0 else one, out.ctypes.data, p)
+            if with_bias:
+                for o in range(o_n):
+                    b, line = bias[o], out[o]
+                    for q in range(p):
+                        line[q] += b
+
+    return kernel
+
+
+def _make_conv_shifted_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
+                                dw: int) -> Any:
+    """Per image: dwk[i] (O, C·kw) += dy[n] (O, P) · (window i of cols[n])ᵀ, the columns kept
+    from forward or made again here; with ``down``, the column gradient Σᵢ wk[i]ᵀ · dy[n]
+    added into window i of a zeroed cols[n], then dx[n] = its col2im."""
+    geometry = (kh, kw, sh, sw, ph, pw, dh, dw)
+    forward, adjoint = _kernel("im2col_shifted", geometry), _kernel("col2im_shifted", geometry)
+
+    @njit(nogil=True, cache=True)
+    def kernel(gemm: Any, x: Any, dy: Any, wk: Any, dwk: Any, dx: Any, down: bool, cols: Any,
+               recompute: bool, oh: int, ow: int, flags: Any, post: int) -> None:
+        _start_helpers(flags, post)
+        n_img = dy.shape[0]
+        o_n, ck = wk.shape[1], wk.shape[2]
+        p, width = oh * ow, cols.shape[2]
+        one, zero = wk.dtype.type(1.0), wk.dtype.type(0.0)
+        step = dh * ow * cols.itemsize
+        acc = np.empty((kh, ck, o_n), wk.dtype)
+        for n in range(n_img):
+            col = cols[0:1] if recompute else cols[n:n + 1]
+            if recompute:
+                forward(x[n:n + 1], col, ow)
+            d = dy[n]
+            for i in range(kh):
+                gemm(ROW_MAJOR, NO_TRANS, TRANS, ck, o_n, p, one, col.ctypes.data + i * step,
+                     width, d.ctypes.data, p, zero if n == 0 else one, acc[i].ctypes.data, o_n)
+            if down:  # the image's columns are used up: they take the column gradient
+                for r in range(ck):
+                    line = col[0, r]
+                    for q in range(width):
+                        line[q] = 0.0
+                for i in range(kh):
+                    gemm(ROW_MAJOR, TRANS, NO_TRANS, ck, p, o_n, one, wk[i].ctypes.data, ck,
+                         d.ctypes.data, p, one, col.ctypes.data + i * step, width)
+                adjoint(dx[n:n + 1], col, ow)
+        for i in range(kh):
+            for o in range(o_n):
+                for j in range(ck):
+                    dwk[i, o, j] = acc[i, j, o]
+
+    return kernel
+
+
+def conv_forward_shifted(gemm: Any, x: np.ndarray, wk: np.ndarray, bias: np.ndarray | None,
+                         y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...], oh: int,
+                         ow: int, post: tuple[np.ndarray, int] = NO_POST) -> None:
+    """y (N, O, P) = Σᵢ wk[i] · (window i of the row-shift columns of x[n]) (+ bias) per
+    image, the columns written into ``cols`` (N, C·kw, rows·ow) or (1, ...); contiguous
+    arrays of one dtype."""
+    _kernel("conv_shifted", geometry)(gemm, x, wk, wk[0, 0] if bias is None else bias,
+                                      bias is not None, y, cols, oh, ow, *post)
+
+
+def conv_backward_shifted(gemm: Any, x: np.ndarray, dy: np.ndarray, wk: np.ndarray,
+                          dwk: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
+                          recompute: bool, geometry: tuple[int, ...], oh: int, ow: int,
+                          post: tuple[np.ndarray, int] = NO_POST) -> None:
+    """dwk (kh, O, C·kw) = Σₙ dy[n] · (window i of colsₙ)ᵀ and, unless ``dx`` is None, dx =
+    the row-shift col2im of Σᵢ wk[i]ᵀ · dy[n] placed at window i; ``cols`` holds the kept
+    columns (N, C·kw, rows·ow) or is one image's scratch (``recompute``)."""
+    _kernel("conv_shifted_backward", geometry)(
+        gemm, x, dy, wk, dwk, x if dx is None else dx, dx is not None, cols, recompute, oh, ow,
+        *post)
+
+
 def conv_backward_images(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
                          dw: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
                          recompute: bool, geometry: tuple[int, ...], oh: int, ow: int,
@@ -749,6 +892,10 @@ _FACTORIES: dict[str, Any] = {
     "im2col_hwc": lambda *g: _make_hwc(*g, adjoint=False),
     "col2im_hwc": lambda *g: _make_hwc(*g, adjoint=True),
     "im2col_images": lambda *g: _make_images(*g, adjoint=False),
+    "im2col_shifted": lambda *g: _make_shifted(*g, adjoint=False),
+    "col2im_shifted": lambda *g: _make_shifted(*g, adjoint=True),
+    "conv_shifted": _make_conv_shifted,
+    "conv_shifted_backward": _make_conv_shifted_backward,
     "col2im_images": lambda *g: _make_images(*g, adjoint=True),
     "max": lambda *g: _make_max_pool(*g, with_arg=True),
     "max_values": lambda *g: _make_max_pool(*g, with_arg=False),

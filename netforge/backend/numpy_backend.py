@@ -10,14 +10,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from netforge.backend import blas, kernels
-from netforge.backend.base import Backend, T
+from netforge.backend.base import Backend, T, conv_out_size
 from netforge.backend.threads import shared_pool
-
-
-def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    """Caffe's convolution output size: floor((size + 2p - (d(k-1)+1)) / s) + 1."""
-    return (size + 2 * p - (d * (k - 1) + 1)) // s + 1
-
 
 # The windows view (N, C, kh, kw, oh, ow) in each column layout's axis order.
 _WINDOW_AXES = {"rows": (0, 4, 5, 1, 2, 3), "hwc": (0, 4, 5, 2, 3, 1),
@@ -286,6 +280,27 @@ class NumpyBackend(Backend):
         kernels.conv_backward_rows(gemm, x, dy, w, dw, dx, cols, rows, recompute, block,
                                    geometry, *self._out_hw(x, geometry), channels_last,
                                    self._pool.take_post())
+
+    def conv_forward_shifted(self, x: np.ndarray, wk: np.ndarray, bias: np.ndarray | None,
+                             y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...]) -> None:
+        gemm = self._fused_gemm(y, x, wk, bias, cols)
+        if gemm is None:
+            super().conv_forward_shifted(x, wk, bias, y, cols, geometry)
+        else:
+            kernels.conv_forward_shifted(gemm, x, wk, bias, y, cols, geometry,
+                                         *self._out_hw(x, geometry), self._pool.take_post())
+
+    def conv_backward_shifted(self, x: np.ndarray, dy: np.ndarray, wk: np.ndarray,
+                              dwk: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
+                              geometry: tuple[int, ...], recompute: bool) -> None:
+        gemm = self._fused_gemm(dy, x, wk, dwk, dx, cols)
+        if gemm is None:
+            super().conv_backward_shifted(x, dy, wk, dwk, dx, cols, geometry, recompute)
+        elif not recompute and cols.shape[0] != dy.shape[0]:
+            raise ValueError("conv_backward_shifted: kept columns for every image needed")
+        else:
+            kernels.conv_backward_shifted(gemm, x, dy, wk, dwk, dx, cols, recompute, geometry,
+                                          *self._out_hw(x, geometry), self._pool.take_post())
 
     # ReLU as one compiled pass per part of the flattened array, on every worker (NumPy's
     # expressions make temporaries and run on one core): cifar10_quick's three ReLUs (26 MB
