@@ -799,8 +799,7 @@ def test_fused_convolution_forward_gives_the_unfused_bits(
     layout's GEMM over a block's rows may round differently in the last bit), with every
     image's columns left in a full buffer and with block-sized scratch, with and without a
     bias, blocks that do not divide the batch."""
-    from netforge.backend.base import Backend
-    from netforge.backend.base import conv_out_size
+    from netforge.backend.base import Backend, conv_out_size
 
     n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw = case
     geometry = case[4:]
@@ -898,8 +897,7 @@ def test_fused_convolution_backward_matches_the_unfused_steps(case: tuple[int, .
     and col2im) against the Backend defaults over the whole batch: with the columns kept from
     forward or made again, with and without the bottom gradient, blocks of one image and of
     three."""
-    from netforge.backend.base import Backend
-    from netforge.backend.base import conv_out_size
+    from netforge.backend.base import Backend, conv_out_size
 
     n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw = case
     geometry, last = case[4:], layout == "hwc"
@@ -1033,13 +1031,12 @@ def test_fused_shifted_convolution_matches_the_numpy_steps(case: tuple[int, ...]
     for kind in (Backend, NumpyBackend):
         for recompute in (False, True):
             for down in (True, False):
-                dwk, dx = np.full(wk.shape, 7.0, dtype), np.full(x.shape, 8.0, dtype)
+                dw, dx = np.full(weights.shape, 7.0, dtype), np.full(x.shape, 8.0, dtype)
                 buffer = (np.full((1, *cols.shape[1:]), 9.0, dtype) if recompute
                           else cols.copy())
-                kind.conv_backward_shifted(fast, x, dy, wk, dwk, dx if down else None, buffer,
+                kind.conv_backward_shifted(fast, x, dy, wk, dw, dx if down else None, buffer,
                                            geometry, recompute)
-                np.testing.assert_allclose(dwk.reshape(kh, o, c, kw).transpose(1, 2, 0, 3),
-                                           want_dw, rtol=tol, atol=tol * 10)
+                np.testing.assert_allclose(dw, want_dw, rtol=tol, atol=tol * 10)
                 if down:
                     np.testing.assert_allclose(dx, want_dx, rtol=tol, atol=tol * 10)
                 else:

@@ -246,10 +246,11 @@ class Backend(ABC):
         if bias is not None:
             y += bias.reshape(1, -1, 1)
 
-    def conv_backward_shifted(self, x: Any, dy: Any, wk: Any, dwk: Any, dx: Any, cols: Any,
+    def conv_backward_shifted(self, x: Any, dy: Any, wk: Any, dw: Any, dx: Any, cols: Any,
                               geometry: tuple[int, ...], recompute: bool) -> None:
-        """For dy (N, O, P): dwk[i] (O, C·kw) = Σₙ dyₙ · (window i of colsₙ)ᵀ and, unless dx
-        is None, dx = the adjoint of the columns of Σᵢ wk[i]ᵀ · dyₙ placed at window i.
+        """For dy (N, O, P): dw (O, C, kh, kw) with kernel row i (as O, C·kw) = Σₙ dyₙ ·
+        (window i of colsₙ)ᵀ and, unless dx is None, dx = the adjoint of the columns of
+        Σᵢ wk[i]ᵀ · dyₙ placed at window i.
         ``cols`` holds the row-shift columns of x kept from forward (used up when dx is made),
         or with ``recompute`` is a buffer to make them in again, which may hold one image's."""
         kh, dh = geometry[0], geometry[6]
@@ -258,9 +259,11 @@ class Backend(ABC):
         if recompute:
             col = self.shifted_columns(x, geometry, out=cols if cols.shape[0] == n else None)
         step = dh * (col.shape[2] // (x.shape[2] + 2 * geometry[4]))
+        o, c = dw.shape[:2]
         for i in range(kh):
             window = col[:, :, i * step:i * step + p]
-            dwk[i] = self.xp.matmul(dy, window.transpose(0, 2, 1)).sum(axis=0)
+            dw[:, :, i] = self.xp.matmul(dy, window.transpose(0, 2, 1)).sum(axis=0).reshape(
+                o, c, -1)
         if dx is not None:
             col[...] = 0
             for i in range(kh):

@@ -767,14 +767,15 @@ def _make_conv_shifted(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh:
 
 def _make_conv_shifted_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
                                 dw: int) -> Any:
-    """Per image: dwk[i] (O, C·kw) += dy[n] (O, P) · (window i of cols[n])ᵀ, the columns kept
-    from forward or made again here; with ``down``, the column gradient Σᵢ wk[i]ᵀ · dy[n]
-    added into window i of a zeroed cols[n], then dx[n] = its col2im."""
+    """Per image: dW's kernel row i (C·kw, O) += window i of cols[n] · dy[n]ᵀ, the columns
+    kept from forward or made again here, then dw (O, C, kh, kw) in the blob's order; with
+    ``down``, the column gradient Σᵢ wk[i]ᵀ · dy[n] added into window i of a zeroed cols[n],
+    then dx[n] = its col2im."""
     geometry = (kh, kw, sh, sw, ph, pw, dh, dw)
     forward, adjoint = _kernel("im2col_shifted", geometry), _kernel("col2im_shifted", geometry)
 
     @njit(nogil=True, cache=True)
-    def kernel(gemm: Any, x: Any, dy: Any, wk: Any, dwk: Any, dx: Any, down: bool, cols: Any,
+    def kernel(gemm: Any, x: Any, dy: Any, wk: Any, dw: Any, dx: Any, down: bool, cols: Any,
                recompute: bool, oh: int, ow: int, flags: Any, post: int) -> None:
         _start_helpers(flags, post)
         n_img = dy.shape[0]
@@ -800,10 +801,12 @@ def _make_conv_shifted_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw:
                     gemm(ROW_MAJOR, TRANS, NO_TRANS, ck, p, o_n, one, wk[i].ctypes.data, ck,
                          d.ctypes.data, p, one, col.ctypes.data + i * step, width)
                 adjoint(dx[n:n + 1], col, ow)
-        for i in range(kh):
-            for o in range(o_n):
-                for j in range(ck):
-                    dwk[i, o, j] = acc[i, j, o]
+        c_in = ck // kw
+        for o in range(o_n):  # (i, (c, j), o) -> the blob's (o, c, i, j)
+            for c in range(c_in):
+                for i in range(kh):
+                    for j in range(kw):
+                        dw[o, c, i, j] = acc[i, c * kw + j, o]
 
     return kernel
 
@@ -819,14 +822,14 @@ def conv_forward_shifted(gemm: Any, x: np.ndarray, wk: np.ndarray, bias: np.ndar
 
 
 def conv_backward_shifted(gemm: Any, x: np.ndarray, dy: np.ndarray, wk: np.ndarray,
-                          dwk: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
+                          dw: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
                           recompute: bool, geometry: tuple[int, ...], oh: int, ow: int,
                           post: tuple[np.ndarray, int] = NO_POST) -> None:
-    """dwk (kh, O, C·kw) = Σₙ dy[n] · (window i of colsₙ)ᵀ and, unless ``dx`` is None, dx =
+    """dw (O, C, kh, kw): row i = Σₙ dy[n] · (window i of colsₙ)ᵀ and, unless ``dx`` is None, dx =
     the row-shift col2im of Σᵢ wk[i]ᵀ · dy[n] placed at window i; ``cols`` holds the kept
     columns (N, C·kw, rows·ow) or is one image's scratch (``recompute``)."""
     _kernel("conv_shifted_backward", geometry)(
-        gemm, x, dy, wk, dwk, x if dx is None else dx, dx is not None, cols, recompute, oh, ow,
+        gemm, x, dy, wk, dw, x if dx is None else dx, dx is not None, cols, recompute, oh, ow,
         *post)
 
 

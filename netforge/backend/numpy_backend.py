@@ -291,15 +291,15 @@ class NumpyBackend(Backend):
                                          *self._out_hw(x, geometry), self._pool.take_post())
 
     def conv_backward_shifted(self, x: np.ndarray, dy: np.ndarray, wk: np.ndarray,
-                              dwk: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
+                              dw: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
                               geometry: tuple[int, ...], recompute: bool) -> None:
-        gemm = self._fused_gemm(dy, x, wk, dwk, dx, cols)
+        gemm = self._fused_gemm(dy, x, wk, dw, dx, cols)
         if gemm is None:
-            super().conv_backward_shifted(x, dy, wk, dwk, dx, cols, geometry, recompute)
+            super().conv_backward_shifted(x, dy, wk, dw, dx, cols, geometry, recompute)
         elif not recompute and cols.shape[0] != dy.shape[0]:
             raise ValueError("conv_backward_shifted: kept columns for every image needed")
         else:
-            kernels.conv_backward_shifted(gemm, x, dy, wk, dwk, dx, cols, recompute, geometry,
+            kernels.conv_backward_shifted(gemm, x, dy, wk, dw, dx, cols, recompute, geometry,
                                           *self._out_hw(x, geometry), self._pool.take_post())
 
     # ReLU as one compiled pass per part of the flattened array, on every worker (NumPy's

@@ -347,13 +347,11 @@ class _ConvolutionBase(Layer):
         geometry = (*g.kernel, *g.stride, *g.pad, *g.dilation)
         dy = dy.reshape(n, self.conv_out, p)
         if layout == "shifted":
-            kh, kw = g.kernel
             if recompute:
                 cols = self.buffer(key, (1, *self._shifted_shape(x)))
-            dwk = self.buffer(f"dw.{part}", (kh, self.conv_out, self.conv_in * kw))
-            self.backend.conv_backward_shifted(x, dy, w, dwk, dx, cols, geometry, recompute)
-            # (i, o, c, j) -> the blob's (o, c, i, j), a view
-            return dwk.reshape(kh, self.conv_out, self.conv_in, kw).transpose(1, 2, 0, 3)
+            dw = self.buffer(f"dw.{part}", self.blobs[0].shape)
+            self.backend.conv_backward_shifted(x, dy, w, dw, dx, cols, geometry, recompute)
+            return dw
         dw = self.buffer(f"dw.{part}", (self.conv_out, k))
         if layout == "images":  # Caffe's column order: W as it is
             if recompute:
