@@ -204,9 +204,9 @@ def test_pooling_padded_planes_give_the_clipped_windows_bits(
     bounds = kernels._pool_bounds(x, dy, geometry)
     assert kernels._clipped(bounds, dy)
     out = np.full(dy.shape, 5.0, dtype)
-    kernels._kernel("ave", geometry)(x, out, size, True)
+    kernels._kernel("ave", geometry)(x, out, size, True, *kernels.NO_POST)
     dx = np.full(shape, 3.0, dtype)
-    kernels._kernel("ave_backward", geometry)(dy, dx, size, True)
+    kernels._kernel("ave_backward", geometry)(dy, dx, size, True, *kernels.NO_POST)
     # the references: each window's cells inside the input, in row-major order
     ext_h, ext_w = (oh - 1) * sh + kh, (ow - 1) * sw + kw
     inside = np.zeros((n, c, ext_h, ext_w), dtype=bool)
@@ -233,9 +233,10 @@ def test_pooling_padded_planes_give_the_clipped_windows_bits(
     results = []
     for overhang in (True, False):
         best, arg = np.full(dy.shape, 5.0, dtype), np.full(dy.shape, 9, np.int32)
-        kernels._kernel("max", geometry)(x, best, arg, *bounds, overhang)
+        kernels._kernel("max", geometry)(x, best, arg, *bounds, overhang, *kernels.NO_POST)
         values = np.full(dy.shape, 6.0, dtype)
-        kernels._kernel("max_values", geometry)(x, values, arg[:1, :1, :1], *bounds, overhang)
+        kernels._kernel("max_values", geometry)(x, values, arg[:1, :1, :1], *bounds, overhang,
+                                             *kernels.NO_POST)
         results.append((best, arg, values))
     for a, b in zip(*results, strict=True):
         assert a.tobytes() == b.tobytes()
@@ -942,6 +943,28 @@ def test_fused_convolution_backward_matches_the_unfused_steps(case: tuple[int, .
                     assert (got_dx == 8.0).all()
                     if not recompute:  # the kept columns stay usable
                         np.testing.assert_array_equal(buffer, cols)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_backend_matmul_takes_transposed_and_sliced_operands(compiled: bool) -> None:
+    """Backend.matmul (NumpyBackend: OpenBLAS's GEMM from a compiled call) on C-ordered,
+    transposed and row-sliced operands, into a slice of rows, replacing or accumulating, in
+    both dtypes one after the other (the float32 call once ran through the code compiled for
+    float64); operands whose rows and columns are both strided take NumPy's matmul."""
+    rng = np.random.default_rng(71)
+    for dtype in ("float64", "float32", "float64"):
+        backend = NumpyBackend(dtype, compiled=compiled)
+        tol = 1e-5 if dtype == "float32" else 1e-12
+        a = rng.normal(size=(9, 12)).astype(dtype)
+        b = rng.normal(size=(12, 7)).astype(dtype)
+        cases = [(a, b), (a.T.copy().T, b), (a[:, 2:9].T, a[:, :5]), (b[:, 1:6].T, b.T[:5].T),
+                 (a[::2, ::3], b[:4, ::2])]
+        for x, y in cases:
+            out = np.full((11, x.shape[0], y.shape[1]), 5.0, dtype)[3]  # rows of a block
+            backend.matmul(x, y, out)
+            np.testing.assert_allclose(out, x.astype(np.float64) @ y, rtol=tol, atol=tol)
+            backend.matmul(x, y, out, accumulate=True)
+            np.testing.assert_allclose(out, 2 * (x.astype(np.float64) @ y), rtol=tol, atol=tol)
 
 
 SHIFTED = [  # n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw: stride 1 in height

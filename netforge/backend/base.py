@@ -61,11 +61,13 @@ class Backend(ABC):
             count = -(-max(count, self.workers) // self.workers) * self.workers
         return even_slices(n, count)
 
-    def map_parts(self, n: int, cost: int, fn: Callable[[slice], None]) -> None:
+    def map_parts(self, n: int, cost: int, fn: Callable[[slice], None],
+                  deferred: bool = False) -> None:
         """fn(part) for the batch_parts of a batch of ``n`` items costing ``cost``, in
-        parallel: for work whose parts write disjoint slices and need no scratch per worker."""
+        parallel: for work whose parts write disjoint slices and need no scratch per worker.
+        ``deferred`` as in ``parallel``."""
         parts = self.batch_parts(n, cost)
-        self.parallel(lambda _, k: fn(parts[k]), len(parts), cost)
+        self.parallel(lambda _, k: fn(parts[k]), len(parts), cost, deferred=deferred)
 
     def running(self) -> AbstractContextManager[None]:
         """Entered while a net runs forward or backward (the CPU backend pins BLAS to one
@@ -77,8 +79,9 @@ class Backend(ABC):
         """[fn(worker, k) for k in range(count)]: part k runs on worker k mod ``workers``
         (worker 0 being the caller), the workers concurrently. ``cost`` is the work of all the
         parts, in batch_parts' units (a single big part may use the device's own threads).
-        ``deferred``: each part begins with one of the conv_* calls, which may start the other
-        workers itself (NumpyBackend: once it has let go of the GIL)."""
+        ``deferred``: each part begins with a compiled call (conv_*, pooling, ReLU, matmul),
+        which may start the other workers itself (NumpyBackend: once it has let go of the
+        GIL)."""
         return [fn(0, k) for k in range(count)]
 
     # -- arrays -------------------------------------------------------------------------------
@@ -108,6 +111,13 @@ class Backend(ABC):
                            dtype=x.dtype)
         out[:, :, ph:ph + h, pw:pw + w] = x
         return out
+
+    def matmul(self, a: Any, b: Any, out: Any, accumulate: bool = False) -> None:
+        """out = a · b for 2-D arrays (out += a · b with ``accumulate``)."""
+        if accumulate:
+            out += self.xp.matmul(a, b)
+        else:
+            self.xp.matmul(a, b, out=out)
 
     # -- the two layout changes around a row-layout GEMM (Convolution) ----------------------
     def rows_to_images(self, rows: Any, bias: Any, out: Any) -> None:

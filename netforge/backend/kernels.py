@@ -376,7 +376,8 @@ def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
 
     @njit(nogil=True, cache=True)
     def kernel(x: Any, best: Any, arg: Any, y_lo: int, y_hi: int, x_lo: int,
-               x_hi: int, overhang: bool) -> None:
+               x_hi: int, overhang: bool, flags: Any, post: int) -> None:
+        _start_helpers(flags, post)
         n_img, c_in, h, w = x.shape
         oh, ow = best.shape[2], best.shape[3]
         if overhang:  # see _padded_plane
@@ -431,7 +432,8 @@ def _make_ave_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
                 o[xx] = window(p, y * sh, xx * sw) / sz[xx]
 
     @njit(nogil=True, cache=True)
-    def kernel(x: Any, out: Any, size: Any, padded: bool) -> None:
+    def kernel(x: Any, out: Any, size: Any, padded: bool, flags: Any, post: int) -> None:
+        _start_helpers(flags, post)
         n_img, c_in = x.shape[:2]
         oh, ow = out.shape[2], out.shape[3]
         if padded:  # see _padded_plane
@@ -449,7 +451,8 @@ def _make_ave_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
 
 def _make_max_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
     @njit(nogil=True, cache=True)
-    def kernel(dy: Any, arg: Any, dx: Any) -> None:
+    def kernel(dy: Any, arg: Any, dx: Any, flags: Any, post: int) -> None:
+        _start_helpers(flags, post)
         n_img, c_in = dx.shape[0], dx.shape[1]
         oh, ow = dy.shape[2], dy.shape[3]
         for n in range(n_img):
@@ -478,7 +481,8 @@ def _make_ave_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
                         d[y * sh + i, xx * sw + j] += g
 
     @njit(nogil=True, cache=True)
-    def kernel(dy: Any, dx: Any, size: Any, padded: bool) -> None:
+    def kernel(dy: Any, dx: Any, size: Any, padded: bool, flags: Any, post: int) -> None:
+        _start_helpers(flags, post)
         n_img, c_in, h, w = dx.shape
         oh, ow = dy.shape[2], dy.shape[3]
         if padded:  # the same sums in the same order, into a plane with room for every window
@@ -571,6 +575,44 @@ if AVAILABLE:
     def _start_helpers(flags: Any, post: int) -> None:
         if post:
             _store_release(flags, 0, post)
+
+
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _gemm_call(gemm: Any, trans_a: int, trans_b: int, m: int, n: int, k: int, alpha: Any,
+                   a: int, lda: int, b: int, ldb: int, beta: Any, c: int, ldc: int, flags: Any,
+                   post: int) -> None:
+        _start_helpers(flags, post)
+        gemm(ROW_MAJOR, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+
+def _operand(a: np.ndarray) -> tuple[int, int] | None:
+    """(CBLAS transpose flag, leading dimension) of a 2-D array whose rows or columns are
+    contiguous, or None."""
+    step = a.itemsize
+    if a.strides[1] == step and a.strides[0] % step == 0 and a.strides[0] >= a.shape[1] * step:
+        return NO_TRANS, a.strides[0] // step
+    if a.strides[0] == step and a.strides[1] % step == 0 and a.strides[1] >= a.shape[0] * step:
+        return TRANS, a.strides[1] // step
+    return None
+
+
+def gemm(gemm: Any, a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool,
+         post: tuple[np.ndarray, int] = NO_POST) -> bool:
+    """out (M, N) = a (M, K) · b (K, N) (+ out with ``accumulate``) through CBLAS's GEMM,
+    from a compiled call that first stores ``post``; 2-D arrays of one dtype whose rows or
+    columns are contiguous (out's rows). False, having done nothing, for other arrays."""
+    ta, tb, tc = _operand(a), _operand(b), _operand(out)
+    if ta is None or tb is None or tc is None or tc[0] != NO_TRANS or 0 in a.shape + b.shape:
+        return False
+    # alpha and beta in the arrays' dtype: numba tells the sgemm and dgemm arguments apart by
+    # them (it ran a call with sgemm through the code compiled for dgemm when they were
+    # Python floats: wrong products)
+    real = out.dtype.type
+    _gemm_call(gemm, ta[0], tb[0], out.shape[0], out.shape[1], a.shape[1], real(1.0),
+               a.ctypes.data, ta[1], b.ctypes.data, tb[1], real(1.0 if accumulate else 0.0),
+               out.ctypes.data, tc[1], *post)
+    return True
 
 
 def _make_conv_images(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
@@ -930,36 +972,42 @@ def _max_overhang(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...],
             and (ow - 1) * sw < x.shape[3])
 
 
-def max_pool(x: np.ndarray, best: np.ndarray, arg: np.ndarray,
-             geometry: tuple[int, ...]) -> None:
+# Each pooling and ReLU kernel takes ``post`` = (flags, n) as the fused convolutions do: a
+# deferred job's caller starts the other workers from inside it (BatchPool.take_post).
+
+def max_pool(x: np.ndarray, best: np.ndarray, arg: np.ndarray, geometry: tuple[int, ...],
+             post: tuple[np.ndarray, int] = NO_POST) -> None:
     x = np.ascontiguousarray(x)
     bounds = _pool_bounds(x, best, geometry)
-    _kernel("max", geometry)(x, best, arg, *bounds, _max_overhang(x, best, geometry, bounds))
+    _kernel("max", geometry)(x, best, arg, *bounds, _max_overhang(x, best, geometry, bounds),
+                             *post)
 
 
-def max_pool_values(x: np.ndarray, best: np.ndarray, geometry: tuple[int, ...]) -> None:
+def max_pool_values(x: np.ndarray, best: np.ndarray, geometry: tuple[int, ...],
+                    post: tuple[np.ndarray, int] = NO_POST) -> None:
     x = np.ascontiguousarray(x)
     unused = np.zeros((1, 1, 1, 1), dtype=np.int32)
     bounds = _pool_bounds(x, best, geometry)
     _kernel("max_values", geometry)(x, best, unused, *bounds,
-                                    _max_overhang(x, best, geometry, bounds))
+                                    _max_overhang(x, best, geometry, bounds), *post)
 
 
 def max_pool_backward(dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
-                      geometry: tuple[int, ...]) -> None:
-    _kernel("max_backward", geometry)(np.ascontiguousarray(dy), arg, dx)
+                      geometry: tuple[int, ...], post: tuple[np.ndarray, int] = NO_POST) -> None:
+    _kernel("max_backward", geometry)(np.ascontiguousarray(dy), arg, dx, *post)
 
 
-def ave_pool(x: np.ndarray, out: np.ndarray, size: np.ndarray,
-             geometry: tuple[int, ...]) -> None:
+def ave_pool(x: np.ndarray, out: np.ndarray, size: np.ndarray, geometry: tuple[int, ...],
+             post: tuple[np.ndarray, int] = NO_POST) -> None:
     x = np.ascontiguousarray(x)
-    _kernel("ave", geometry)(x, out, size, _clipped(_pool_bounds(x, out, geometry), out))
+    _kernel("ave", geometry)(x, out, size, _clipped(_pool_bounds(x, out, geometry), out), *post)
 
 
 def ave_pool_backward(dy: np.ndarray, dx: np.ndarray, size: np.ndarray,
-                      geometry: tuple[int, ...]) -> None:
+                      geometry: tuple[int, ...], post: tuple[np.ndarray, int] = NO_POST) -> None:
     dy = np.ascontiguousarray(dy)
-    _kernel("ave_backward", geometry)(dy, dx, size, _clipped(_pool_bounds(dx, dy, geometry), dy))
+    _kernel("ave_backward", geometry)(dy, dx, size, _clipped(_pool_bounds(dx, dy, geometry), dy),
+                                      *post)
 
 
 # -- ReLU ------------------------------------------------------------------------------------
@@ -968,7 +1016,8 @@ def ave_pool_backward(dy: np.ndarray, dx: np.ndarray, size: np.ndarray,
 
 if AVAILABLE:
     @njit(nogil=True, cache=True)
-    def _relu(x: Any, y: Any, slope: Any) -> None:
+    def _relu(x: Any, y: Any, slope: Any, flags: Any, post: int) -> None:
+        _start_helpers(flags, post)
         zero = x.dtype.type(0)
         for i in range(x.size):
             v = x[uintp(i)]
@@ -978,21 +1027,24 @@ if AVAILABLE:
                 y[uintp(i)] = v if v > zero or v != v else zero
 
     @njit(nogil=True, cache=True)
-    def _relu_backward(x: Any, dy: Any, dx: Any, slope: Any) -> None:
+    def _relu_backward(x: Any, dy: Any, dx: Any, slope: Any, flags: Any, post: int) -> None:
+        _start_helpers(flags, post)
         zero = x.dtype.type(0)
         for i in range(x.size):
             g = dy[uintp(i)]
             dx[uintp(i)] = g if x[uintp(i)] > zero else g * slope
 
 
-def relu(x: np.ndarray, y: np.ndarray, slope: float) -> None:
+def relu(x: np.ndarray, y: np.ndarray, slope: float,
+         post: tuple[np.ndarray, int] = NO_POST) -> None:
     """y = x where x > 0, else slope·x, on flat contiguous arrays of one dtype."""
-    _relu(x, y, x.dtype.type(slope))
+    _relu(x, y, x.dtype.type(slope), *post)
 
 
-def relu_backward(x: np.ndarray, dy: np.ndarray, dx: np.ndarray, slope: float) -> None:
+def relu_backward(x: np.ndarray, dy: np.ndarray, dx: np.ndarray, slope: float,
+                  post: tuple[np.ndarray, int] = NO_POST) -> None:
     """dx = dy where x > 0, else slope·dy, on flat contiguous arrays of one dtype."""
-    _relu_backward(x, dy, dx, x.dtype.type(slope))
+    _relu_backward(x, dy, dx, x.dtype.type(slope), *post)
 
 
 # -- the solver's update ----------------------------------------------------------------------

@@ -157,9 +157,11 @@ class NumpyBackend(Backend):
     def _per_part(self, kernel: Callable[..., None], batched: tuple[np.ndarray, ...],
                   *args: Any) -> None:
         """kernel(*parts of the arrays along their first axis, *args) on every worker (ReLU
-        passes flattened arrays: parts of the elements)."""
+        passes flattened arrays: parts of the elements); the caller's kernel starts the
+        other workers (a deferred job)."""
         self.map_parts(batched[0].shape[0], max(a.size for a in batched),
-                       lambda part: kernel(*(a[part] for a in batched), *args))
+                       lambda part: kernel(*(a[part] for a in batched), *args,
+                                           post=self._pool.take_post()), deferred=True)
 
     def max_pool(self, x: np.ndarray, best: np.ndarray, arg: np.ndarray,
                  geometry: tuple[int, ...]) -> None:
@@ -212,6 +214,18 @@ class NumpyBackend(Backend):
         if gemm is None:
             self._pool.post_pending()
         return gemm
+
+    def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray,
+               accumulate: bool = False) -> None:
+        """OpenBLAS's GEMM from a compiled call (which starts a deferred job's other workers
+        once it has let go of the GIL), accumulating in place; NumPy's matmul for arrays
+        it cannot take (another dtype, strided rows and columns)."""
+        gemm = None
+        if self.compiled and a.dtype == b.dtype == out.dtype:
+            gemm = blas.gemm(a.dtype.name)
+        if gemm is None or not kernels.gemm(gemm, a, b, out, accumulate, self._pool.take_post()):
+            self._pool.post_pending()
+            super().matmul(a, b, out, accumulate)
 
     def fuses_conv(self, dtype: Any) -> bool:
         return self.compiled and blas.gemm(np.dtype(dtype).name) is not None

@@ -61,20 +61,21 @@ class InnerProduct(Layer):
         def run(slot: int, k: int) -> None:
             part = parts[k]
             if self.transpose:
-                xp.matmul(x[part], w, out=y[part])
+                self.backend.matmul(x[part], w, y[part])
                 if b is not None:
                     y[part] += b
                 return
             # W · xᵀ, then transposed into y (with the bias, in one pass): OpenBLAS runs this
             # orientation faster than x · Wᵀ (LeNet's ip1, half a batch: 0.34 vs 0.46 ms).
             yt = self.buffer(f"yt.{slot}", (self.num_output, part.stop - part.start))
-            xp.matmul(w, x[part].T, out=yt)
+            self.backend.matmul(w, x[part].T, yt)
             if b is not None:
                 xp.add(yt.T, b, out=y[part])
             else:
                 y[part] = yt.T
 
-        self.backend.parallel(run, len(parts), self._cost(x.shape[0]))
+        # each part starts with backend.matmul, which starts the other workers (deferred)
+        self.backend.parallel(run, len(parts), self._cost(x.shape[0]), deferred=True)
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
@@ -93,17 +94,17 @@ class InnerProduct(Layer):
         def run(slot: int, k: int) -> None:
             if k < len(rows):
                 r = rows[k]
-                g = self.buffer(f"dw.{slot}", (r.stop - r.start, weight.shape[1]))
                 if a.shape[0] == 1:  # NumPy's matmul does not hand a one-row product to
                     # BLAS (0.3 ms for LeNet's ip1 at batch 1, 10x the outer product)
+                    g = self.buffer(f"dw.{slot}", (r.stop - r.start, weight.shape[1]))
                     xp.multiply(a[0, r][:, None], b[0], out=g)
-                else:
-                    xp.matmul(a[:, r].T, b, out=g)
-                weight.diff[r] += g
+                    weight.diff[r] += g
+                else:  # added into the diff by the GEMM
+                    self.backend.matmul(a[:, r].T, b, weight.diff[r], accumulate=True)
             if k == 0 and self.bias_term:
                 self.blobs[1].diff += dy.sum(axis=0)
             if dx is not None:
                 w = weight.data
-                xp.matmul(dy[parts[k]], w.T if self.transpose else w, out=dx[parts[k]])
+                self.backend.matmul(dy[parts[k]], w.T if self.transpose else w, dx[parts[k]])
 
-        self.backend.parallel(run, len(parts), self._cost(x.shape[0]))
+        self.backend.parallel(run, len(parts), self._cost(x.shape[0]), deferred=True)
