@@ -946,11 +946,15 @@ def test_fused_convolution_backward_matches_the_unfused_steps(case: tuple[int, .
 
 
 @pytest.mark.parametrize("compiled", [True, False])
-def test_backend_matmul_takes_transposed_and_sliced_operands(compiled: bool) -> None:
+def test_backend_matmul_takes_transposed_and_sliced_operands(
+        monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
     """Backend.matmul (NumpyBackend: OpenBLAS's GEMM from a compiled call) on C-ordered,
     transposed and row-sliced operands, into a slice of rows, replacing or accumulating, in
     both dtypes one after the other (the float32 call once ran through the code compiled for
     float64); operands whose rows and columns are both strided take NumPy's matmul."""
+    from netforge.backend import kernels
+
+    monkeypatch.setattr(kernels, "GEMM_MIN", 0)  # these small products too
     rng = np.random.default_rng(71)
     for dtype in ("float64", "float32", "float64"):
         backend = NumpyBackend(dtype, compiled=compiled)

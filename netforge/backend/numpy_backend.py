@@ -218,14 +218,16 @@ class NumpyBackend(Backend):
     def matmul(self, a: np.ndarray, b: np.ndarray, out: np.ndarray,
                accumulate: bool = False) -> None:
         """OpenBLAS's GEMM from a compiled call (which starts a deferred job's other workers
-        once it has let go of the GIL), accumulating in place; NumPy's matmul for arrays
-        it cannot take (another dtype, strided rows and columns)."""
-        gemm = None
-        if self.compiled and a.dtype == b.dtype == out.dtype:
+        once it has let go of the GIL), accumulating in place; NumPy's matmul for small
+        products and arrays it cannot take (another dtype, strided rows and columns)."""
+        if (self.compiled and a.shape[0] * a.shape[1] * b.shape[1] >= kernels.GEMM_MIN
+                and a.dtype == b.dtype == out.dtype):
             gemm = blas.gemm(a.dtype.name)
-        if gemm is None or not kernels.gemm(gemm, a, b, out, accumulate, self._pool.take_post()):
-            self._pool.post_pending()
-            super().matmul(a, b, out, accumulate)
+            if gemm is not None and kernels.gemm(gemm, a, b, out, accumulate,
+                                                 self._pool.take_post()):
+                return
+        self._pool.post_pending()
+        super().matmul(a, b, out, accumulate)
 
     def fuses_conv(self, dtype: Any) -> bool:
         return self.compiled and blas.gemm(np.dtype(dtype).name) is not None
