@@ -1022,9 +1022,10 @@ def test_fused_shifted_convolution_matches_the_numpy_steps(case: tuple[int, ...]
                                                            dtype: str) -> None:
     """conv_forward_shifted / conv_backward_shifted as one compiled call per part (per image:
     the columns, kh GEMMs accumulating in place, the bias; backward the weight gradient per
-    window, the column gradient and its col2im) against the Backend defaults' NumPy steps and
-    a convolution made from Caffe's columns: with every image's columns kept and with one
-    image's scratch, with and without a bias and the bottom gradient."""
+    window, the bias gradient, the column gradient and its col2im) against the Backend
+    defaults' NumPy steps and a convolution made from Caffe's columns: with every image's
+    columns kept and with one image's scratch, with and without a bias and the bottom
+    gradient."""
     from netforge.backend.base import Backend, conv_out_size
 
     n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw = case
@@ -1036,7 +1037,6 @@ def test_fused_shifted_convolution_matches_the_numpy_steps(case: tuple[int, ...]
     o = 5
     p = conv_out_size(h, kh, sh, ph, dh) * conv_out_size(w, kw, sw, pw, dw)
     weights = rng.normal(size=(o, c, kh, kw)).astype(dtype)
-    wk = np.ascontiguousarray(weights.transpose(2, 0, 1, 3).reshape(kh, o, c * kw))
     dy = rng.normal(size=(n, o, p)).astype(dtype)
     caffe = fast.im2col(x, *geometry)  # (N, K, P)
     tol = 1e-4 if dtype == "float32" else 1e-12
@@ -1048,22 +1048,26 @@ def test_fused_shifted_convolution_matches_the_numpy_steps(case: tuple[int, ...]
         for kind in (Backend, NumpyBackend):
             for buffer in (np.full(cols.shape, 6.0, dtype), np.empty((1, *cols.shape[1:]), dtype)):
                 got = np.full((n, o, p), 4.0, dtype)
-                kind.conv_forward_shifted(fast, x, wk, bias, got, buffer, geometry)
+                kind.conv_forward_shifted(fast, x, weights, bias, got, buffer, geometry)
                 np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
                 if buffer.shape[0] == n:  # kept for backward: every image's columns
                     assert buffer.tobytes() == cols.tobytes()
 
     want_dw = np.einsum("nop,nkp->ok", dy, caffe).reshape(weights.shape)
+    want_db = dy.astype(np.float64).sum(axis=(0, 2))
     want_dx = fast.col2im(np.matmul(weights.reshape(o, -1).T, dy), x.shape, *geometry)
     for kind in (Backend, NumpyBackend):
         for recompute in (False, True):
             for down in (True, False):
                 dw, dx = np.full(weights.shape, 7.0, dtype), np.full(x.shape, 8.0, dtype)
+                db = np.full(o, 6.0, dtype) if down else None  # with and without a bias
                 buffer = (np.full((1, *cols.shape[1:]), 9.0, dtype) if recompute
                           else cols.copy())
-                kind.conv_backward_shifted(fast, x, dy, wk, dw, dx if down else None, buffer,
-                                           geometry, recompute)
+                kind.conv_backward_shifted(fast, x, dy, weights, dw, db, dx if down else None,
+                                           buffer, geometry, recompute)
                 np.testing.assert_allclose(dw, want_dw, rtol=tol, atol=tol * 10)
+                if db is not None:
+                    np.testing.assert_allclose(db, want_db, rtol=tol, atol=tol * 10)
                 if down:
                     np.testing.assert_allclose(dx, want_dx, rtol=tol, atol=tol * 10)
                 else:

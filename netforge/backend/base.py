@@ -241,13 +241,15 @@ class Backend(ABC):
         out[...] = padded[:, :, ph:ph + h, pw:pw + w]
         return out
 
-    def conv_forward_shifted(self, x: Any, wk: Any, bias: Any, y: Any, cols: Any,
+    def conv_forward_shifted(self, x: Any, w: Any, bias: Any, y: Any, cols: Any,
                              geometry: tuple[int, ...]) -> None:
-        """y (N, O, P) = Σᵢ wk[i] (O, C·kw) · window i of the row-shift columns of x[n]
-        (entries i·dh·ow to i·dh·ow + P) (+ ``bias``), for a stride of 1 in height. ``cols``
-        (N, C·kw, rows·ow) is left holding every image's columns; a smaller one is scratch."""
+        """y (N, O, P) = Σᵢ W's kernel row i (O, C·kw) · window i of the row-shift columns of
+        x[n] (entries i·dh·ow to i·dh·ow + P) (+ ``bias``), for W (O, C, kh, kw) and a stride
+        of 1 in height. ``cols`` (N, C·kw, rows·ow) is left holding every image's columns; a
+        smaller one is scratch."""
         kh, dh = geometry[0], geometry[6]
         n, p = x.shape[0], y.shape[2]
+        wk = self._by_kernel_row(w)
         col = self.shifted_columns(x, geometry, out=cols if cols.shape[0] == n else None)
         step = dh * (col.shape[2] // (x.shape[2] + 2 * geometry[4]))
         self.xp.matmul(wk[0], col[:, :, :p], out=y)
@@ -256,15 +258,17 @@ class Backend(ABC):
         if bias is not None:
             y += bias.reshape(1, -1, 1)
 
-    def conv_backward_shifted(self, x: Any, dy: Any, wk: Any, dw: Any, dx: Any, cols: Any,
-                              geometry: tuple[int, ...], recompute: bool) -> None:
-        """For dy (N, O, P): dw (O, C, kh, kw) with kernel row i (as O, C·kw) = Σₙ dyₙ ·
-        (window i of colsₙ)ᵀ and, unless dx is None, dx = the adjoint of the columns of
-        Σᵢ wk[i]ᵀ · dyₙ placed at window i.
-        ``cols`` holds the row-shift columns of x kept from forward (used up when dx is made),
-        or with ``recompute`` is a buffer to make them in again, which may hold one image's."""
+    def conv_backward_shifted(self, x: Any, dy: Any, w: Any, dw: Any, db: Any, dx: Any,
+                              cols: Any, geometry: tuple[int, ...], recompute: bool) -> None:
+        """For dy (N, O, P) and W (O, C, kh, kw): dw (O, C, kh, kw) with kernel row i (as O,
+        C·kw) = Σₙ dyₙ · (window i of colsₙ)ᵀ, db (unless None) = Σ dy per channel and,
+        unless dx is None, dx = the adjoint of the columns of Σᵢ (W's row i)ᵀ · dyₙ placed at
+        window i. ``cols`` holds the row-shift columns of x kept from forward (used up when
+        dx is made), or with ``recompute`` is a buffer to make them in again, which may hold
+        one image's."""
         kh, dh = geometry[0], geometry[6]
         n, p = dy.shape[0], dy.shape[2]
+        wk = self._by_kernel_row(w)
         col = cols
         if recompute:
             col = self.shifted_columns(x, geometry, out=cols if cols.shape[0] == n else None)
@@ -274,11 +278,19 @@ class Backend(ABC):
             window = col[:, :, i * step:i * step + p]
             dw[:, :, i] = self.xp.matmul(dy, window.transpose(0, 2, 1)).sum(axis=0).reshape(
                 o, c, -1)
+        if db is not None:
+            dy.sum(axis=2).sum(axis=0, out=db)
         if dx is not None:
             col[...] = 0
             for i in range(kh):
                 col[:, :, i * step:i * step + p] += self.xp.matmul(wk[i].T, dy)
             self.shifted_columns_adjoint(col, dx.shape, geometry, out=dx)
+
+    @staticmethod
+    def _by_kernel_row(w: Any) -> Any:
+        """W (O, C, kh, kw) as (kh, O, C·kw): kernel row i in the row-shift columns' order."""
+        o, c, kh, kw = w.shape
+        return w.transpose(2, 0, 1, 3).reshape(kh, o, c * kw)
 
     # -- ReLU, written into a given array (in place when it is the input) -----------------------
     def relu(self, x: Any, y: Any, slope: float) -> None:

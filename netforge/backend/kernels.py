@@ -782,18 +782,55 @@ def _make_conv_images_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: 
     return kernel
 
 
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _rows_by_kernel_row(w: Any) -> Any:
+        """W (O, C, kh, kw) as (kh, O, C·kw): kernel row i's weights in the row-shift columns'
+        (c, j) order (made by each part's call: no Python work before the workers start)."""
+        o_n, c_in, kh, kw = w.shape
+        wk = np.empty((kh, o_n, c_in * kw), w.dtype)
+        for i in range(kh):
+            for o in range(o_n):
+                for c in range(c_in):
+                    for j in range(kw):
+                        wk[i, o, c * kw + j] = w[o, c, i, j]
+        return wk
+
+    @njit(nogil=True, cache=True)
+    def _channel_sums(dy: Any, db: Any) -> None:
+        """db (O,) = Σ over images and pixels of dy (N, O, P): 16 running sums per channel
+        (vectorized), added up at the end."""
+        n_img, o_n, p = dy.shape
+        lanes = np.zeros((o_n, 16), dy.dtype)
+        head = p - p % 16
+        for n in range(n_img):
+            for o in range(o_n):
+                line, acc = dy[n, o], lanes[o]
+                for q0 in range(0, head, 16):
+                    for lane in range(16):
+                        acc[uintp(lane)] += line[uintp(q0 + lane)]
+                for q in range(head, p):
+                    acc[0] += line[q]
+        for o in range(o_n):
+            total = lanes.dtype.type(0.0)
+            for lane in range(16):
+                total += lanes[o, lane]
+            db[o] = total
+
+
 def _make_conv_shifted(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
                        dw: int) -> Any:
     """Per image: cols[n] = the row-shift columns of x[n] (C·kw, rows·ow); y[n] (O, P) =
     Σᵢ wk[i] (O, C·kw) · cols[n][:, i·dh·ow : i·dh·ow + P] (+ bias): kh GEMMs over windows of
-    the same columns (stride 1 in height). ``cols`` holds every image's (N, C·kw, rows·ow)
-    or one image's as scratch."""
+    the same columns (stride 1 in height), wk = W by kernel row. ``cols`` holds every image's
+    (N, C·kw, rows·ow) or one image's as scratch."""
     im2col = _kernel("im2col_shifted", (kh, kw, sh, sw, ph, pw, dh, dw))
 
     @njit(nogil=True, cache=True)
-    def kernel(gemm: Any, x: Any, wk: Any, bias: Any, with_bias: bool, y: Any, cols: Any,
+    def kernel(gemm: Any, x: Any, w: Any, bias: Any, with_bias: bool, y: Any, cols: Any,
                oh: int, ow: int, flags: Any, post: int) -> None:
         _start_helpers(flags, post)
+        wk = _rows_by_kernel_row(w)
         n_img = x.shape[0]
         o_n, ck = wk.shape[1], wk.shape[2]
         p, width = oh * ow, cols.shape[2]
@@ -820,14 +857,16 @@ def _make_conv_shifted_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw:
     """Per image: dW's kernel row i (C·kw, O) += window i of cols[n] · dy[n]ᵀ, the columns
     kept from forward or made again here, then dw (O, C, kh, kw) in the blob's order; with
     ``down``, the column gradient Σᵢ wk[i]ᵀ · dy[n] added into window i of a zeroed cols[n],
-    then dx[n] = its col2im."""
+    then dx[n] = its col2im; with ``with_db``, db = Σ dy per channel."""
     geometry = (kh, kw, sh, sw, ph, pw, dh, dw)
     forward, adjoint = _kernel("im2col_shifted", geometry), _kernel("col2im_shifted", geometry)
 
     @njit(nogil=True, cache=True)
-    def kernel(gemm: Any, x: Any, dy: Any, wk: Any, dw: Any, dx: Any, down: bool, cols: Any,
-               recompute: bool, oh: int, ow: int, flags: Any, post: int) -> None:
+    def kernel(gemm: Any, x: Any, dy: Any, w: Any, dw: Any, db: Any, with_db: bool, dx: Any,
+               down: bool, cols: Any, recompute: bool, oh: int, ow: int, flags: Any,
+               post: int) -> None:
         _start_helpers(flags, post)
+        wk = _rows_by_kernel_row(w)
         n_img = dy.shape[0]
         o_n, ck = wk.shape[1], wk.shape[2]
         p, width = oh * ow, cols.shape[2]
@@ -873,30 +912,33 @@ def _make_conv_shifted_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw:
                 for i in range(kh):
                     for j in range(kw):
                         dw[o, c, i, j] = acc[i, c * kw + j, o]
+        if with_db:
+            _channel_sums(dy, db)
 
     return kernel
 
 
-def conv_forward_shifted(gemm: Any, x: np.ndarray, wk: np.ndarray, bias: np.ndarray | None,
+def conv_forward_shifted(gemm: Any, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
                          y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...], oh: int,
                          ow: int, post: tuple[np.ndarray, int] = NO_POST) -> None:
-    """y (N, O, P) = Σᵢ wk[i] · (window i of the row-shift columns of x[n]) (+ bias) per
-    image, the columns written into ``cols`` (N, C·kw, rows·ow) or (1, ...); contiguous
-    arrays of one dtype."""
-    _kernel("conv_shifted", geometry)(gemm, x, wk, wk[0, 0] if bias is None else bias,
+    """y (N, O, P) = Σᵢ W's kernel row i · (window i of the row-shift columns of x[n])
+    (+ bias) per image for W (O, C, kh, kw), the columns written into ``cols`` (N, C·kw,
+    rows·ow) or (1, ...); contiguous arrays of one dtype."""
+    _kernel("conv_shifted", geometry)(gemm, x, w, w[0, 0, 0] if bias is None else bias,
                                       bias is not None, y, cols, oh, ow, *post)
 
 
-def conv_backward_shifted(gemm: Any, x: np.ndarray, dy: np.ndarray, wk: np.ndarray,
-                          dw: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
-                          recompute: bool, geometry: tuple[int, ...], oh: int, ow: int,
-                          post: tuple[np.ndarray, int] = NO_POST) -> None:
-    """dw (O, C, kh, kw): row i = Σₙ dy[n] · (window i of colsₙ)ᵀ and, unless ``dx`` is None, dx =
-    the row-shift col2im of Σᵢ wk[i]ᵀ · dy[n] placed at window i; ``cols`` holds the kept
-    columns (N, C·kw, rows·ow) or is one image's scratch (``recompute``)."""
+def conv_backward_shifted(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
+                          dw: np.ndarray, db: np.ndarray | None, dx: np.ndarray | None,
+                          cols: np.ndarray, recompute: bool, geometry: tuple[int, ...],
+                          oh: int, ow: int, post: tuple[np.ndarray, int] = NO_POST) -> None:
+    """dw (O, C, kh, kw): row i = Σₙ dy[n] · (window i of colsₙ)ᵀ, db (unless None) = Σ dy
+    per channel and, unless ``dx`` is None, dx = the row-shift col2im of Σᵢ (W's row i)ᵀ ·
+    dy[n] placed at window i; ``cols`` holds the kept columns (N, C·kw, rows·ow) or is one
+    image's scratch (``recompute``)."""
     _kernel("conv_shifted_backward", geometry)(
-        gemm, x, dy, wk, dw, x if dx is None else dx, dx is not None, cols, recompute, oh, ow,
-        *post)
+        gemm, x, dy, w, dw, w[0, 0, 0] if db is None else db, db is not None,
+        x if dx is None else dx, dx is not None, cols, recompute, oh, ow, *post)
 
 
 def conv_backward_images(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray,

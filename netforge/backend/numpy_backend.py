@@ -297,26 +297,28 @@ class NumpyBackend(Backend):
                                    geometry, *self._out_hw(x, geometry), channels_last,
                                    self._pool.take_post())
 
-    def conv_forward_shifted(self, x: np.ndarray, wk: np.ndarray, bias: np.ndarray | None,
+    def conv_forward_shifted(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
                              y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...]) -> None:
-        gemm = self._fused_gemm(y, x, wk, bias, cols)
+        gemm = self._fused_gemm(y, x, w, bias, cols)
         if gemm is None:
-            super().conv_forward_shifted(x, wk, bias, y, cols, geometry)
+            super().conv_forward_shifted(x, w, bias, y, cols, geometry)
         else:
-            kernels.conv_forward_shifted(gemm, x, wk, bias, y, cols, geometry,
+            kernels.conv_forward_shifted(gemm, x, w, bias, y, cols, geometry,
                                          *self._out_hw(x, geometry), self._pool.take_post())
 
-    def conv_backward_shifted(self, x: np.ndarray, dy: np.ndarray, wk: np.ndarray,
-                              dw: np.ndarray, dx: np.ndarray | None, cols: np.ndarray,
-                              geometry: tuple[int, ...], recompute: bool) -> None:
-        gemm = self._fused_gemm(dy, x, wk, dw, dx, cols)
+    def conv_backward_shifted(self, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
+                              dw: np.ndarray, db: np.ndarray | None, dx: np.ndarray | None,
+                              cols: np.ndarray, geometry: tuple[int, ...],
+                              recompute: bool) -> None:
+        gemm = self._fused_gemm(dy, x, w, dw, db, dx, cols)
         if gemm is None:
-            super().conv_backward_shifted(x, dy, wk, dw, dx, cols, geometry, recompute)
+            super().conv_backward_shifted(x, dy, w, dw, db, dx, cols, geometry, recompute)
         elif not recompute and cols.shape[0] != dy.shape[0]:
             raise ValueError("conv_backward_shifted: kept columns for every image needed")
         else:
-            kernels.conv_backward_shifted(gemm, x, dy, wk, dw, dx, cols, recompute, geometry,
-                                          *self._out_hw(x, geometry), self._pool.take_post())
+            kernels.conv_backward_shifted(gemm, x, dy, w, dw, db, dx, cols, recompute,
+                                          geometry, *self._out_hw(x, geometry),
+                                          self._pool.take_post())
 
     # ReLU as one compiled pass per part of the flattened array, on every worker (NumPy's
     # expressions make temporaries and run on one core): cifar10_quick's three ReLUs (26 MB

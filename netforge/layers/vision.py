@@ -286,7 +286,7 @@ class _ConvolutionBase(Layer):
         """y = W ⋆ x + b for a part of the batch (no groups) in one backend call, which may
         make the columns a few images at a time; returns the buffer ``key`` holding all of
         the part's columns when ``keep``, else scratch. ``wt`` is _weights_t() for the row
-        layout, _weights_shifted() for the row-shift one."""
+        layout."""
         g = self.geom
         n, p = x.shape[0], y.shape[2] * y.shape[3]
         k = self.conv_in * g.kernel[0] * g.kernel[1]
@@ -296,7 +296,7 @@ class _ConvolutionBase(Layer):
         out = y.reshape(n, self.conv_out, p)
         if layout == "shifted":  # one image's columns at a time unless kept
             cols = self.buffer(key, (n if keep else 1, *self._shifted_shape(x)))
-            self.backend.conv_forward_shifted(x, wt, bias, out, cols, geometry)
+            self.backend.conv_forward_shifted(x, self.blobs[0].data, bias, out, cols, geometry)
         elif layout == "images":
             cols = self.buffer(key, (images, k, p))
             self.backend.conv_forward_images(x, self.blobs[0].data.reshape(self.conv_out, -1),
@@ -333,12 +333,12 @@ class _ConvolutionBase(Layer):
                                  *geom.dilation, out=out, channels_last=self.channels_last)
 
     def _backward_part(self, x: Any, dy: Any, dx: Any, cols: Any, key: str, slot: int,
-                       part: int, w: Any, layout: str) -> Any:
-        """dW for a part of the batch (no groups) and dx unless it is None, in one backend
-        call; ``cols`` are the part's columns kept from forward, or None (made again, by a
-        fusing backend a block of images at a time, in the buffer ``key``); ``w`` is
-        _weights() for the row layout, _weights_shifted() for the row-shift one. Returns dW
-        in the blob's order."""
+                       part: int, w: Any, layout: str) -> tuple[Any, Any]:
+        """dW and db for a part of the batch (no groups) and dx unless it is None, in one
+        backend call; ``cols`` are the part's columns kept from forward, or None (made again,
+        by a fusing backend a block of images at a time, in the buffer ``key``); ``w`` is
+        _weights() for the row layout. Returns dW in the blob's order, and db (None without a
+        bias)."""
         g = self.geom
         n, p = x.shape[0], dy.shape[2] * dy.shape[3]
         k = self.conv_in * g.kernel[0] * g.kernel[1]
@@ -350,22 +350,24 @@ class _ConvolutionBase(Layer):
             if recompute:
                 cols = self.buffer(key, (1, *self._shifted_shape(x)))
             dw = self.buffer(f"dw.{part}", self.blobs[0].shape)
-            self.backend.conv_backward_shifted(x, dy, w, dw, dx, cols, geometry, recompute)
-            return dw
+            db = self.buffer(f"db.{part}", (self.conv_out,)) if self.bias_term else None
+            self.backend.conv_backward_shifted(x, dy, self.blobs[0].data, dw, db, dx, cols,
+                                               geometry, recompute)
+            return dw, db
         dw = self.buffer(f"dw.{part}", (self.conv_out, k))
         if layout == "images":  # Caffe's column order: W as it is
             if recompute:
                 cols = self.buffer(key, (block, k, p))
             self.backend.conv_backward_images(x, dy, self.blobs[0].data.reshape(self.conv_out, k),
                                               dw, dx, cols, geometry, recompute)
-            return dw
+            return dw, self._bias_grad(dy, part)
         if recompute:
             cols = self.buffer(key, (block * p, k))
         rows = self.buffer(f"dy.{slot}", (block * p, self.conv_out))
         w = self.blobs[0].data.reshape(self.conv_out, k) if w is None else w[0]
         self.backend.conv_backward_rows(x, dy, w, dw, dx, cols, rows, geometry,
                                         self.channels_last, recompute)
-        return self._in_blob_order(dw)
+        return self._in_blob_order(dw), self._bias_grad(dy, part)
 
     def _in_blob_order(self, dw: Any) -> Any:
         """A weight gradient made in the column entries' order, as the blob's (a view)."""
@@ -423,15 +425,6 @@ class _ConvolutionBase(Layer):
         ow = g.conv_out(x.shape[2], x.shape[3])[1]
         return self.conv_in * g.kernel[1], (x.shape[2] + 2 * g.pad[0]) * ow
 
-    def _weights_shifted(self) -> Any:
-        """W as (kh, conv_out, conv_in·kw): kernel row i's weights in the column entries'
-        (c, j) order. Made before the workers start."""
-        w = self.blobs[0].data
-        o, c, kh, kw = w.shape
-        wk = self.buffer("w_shifted", (kh, o, c * kw))
-        wk.reshape(kh, o, c, kw)[...] = w.transpose(2, 0, 1, 3)
-        return wk
-
     def _add_bias(self, y: Any) -> None:
         if self.bias_term:
             y += self.blobs[1].data.reshape(1, -1, 1, 1)
@@ -470,8 +463,7 @@ class Convolution(_ConvolutionBase):
         self._kept: dict[int, list[Any]] = {}  # bottom index -> its columns, for backward
         # tops share a shape
         layout = self._layout(top[0].shape[2] * top[0].shape[3], bottom[0].data.dtype)
-        wt = {"shifted": self._weights_shifted, "images": lambda: None,
-              "rows": self._weights_t}[layout]()
+        wt = self._weights_t() if layout == "rows" else None
         for i, (b, t) in enumerate(zip(bottom, top, strict=True)):
             x, y, parts = b.data, t.data, self._parts(b.data)
             # one part per worker in TRAIN: each part's columns have a buffer of their own,
@@ -504,10 +496,7 @@ class Convolution(_ConvolutionBase):
         # recomputed per part, as Caffe's backward recomputes im2col.
         kept = getattr(self, "_kept", {})
         layout = self._layout(top[0].shape[2] * top[0].shape[3], bottom[0].data.dtype)
-        if layout == "shifted":
-            w = self._weights_shifted()
-        else:
-            w = None if layout == "images" or not any(propagate_down) else self._weights()
+        w = self._weights() if layout == "rows" and any(propagate_down) else None
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
             parts, cols, down = self._parts(b.data), kept.get(i), propagate_down[i]
             if cols is None and self.group == 1 and self.backend.fuses_conv(b.data.dtype):
@@ -519,11 +508,10 @@ class Convolution(_ConvolutionBase):
                     i: int = i) -> tuple[Any, Any]:
                 part = parts[k]
                 if self.group == 1:
-                    dw = self._backward_part(b.data[part], t.diff[part],
-                                             b.diff[part] if down else None,
-                                             None if cols is None else cols[k],
-                                             f"col{i}.{slot}", slot, k, w, layout)
-                    return dw, self._bias_grad(t.diff[part], k)
+                    return self._backward_part(b.data[part], t.diff[part],
+                                               b.diff[part] if down else None,
+                                               None if cols is None else cols[k],
+                                               f"col{i}.{slot}", slot, k, w, layout)
                 bias = self._bias_grad(t.diff[part], k)
                 # groups: the row layout, each group's columns a GEMM of its own. Once the
                 # weight gradient is made the columns are used up: their buffer takes the
