@@ -210,7 +210,7 @@ class NumpyBackend(Backend):
         gemm = None
         if self.use_compiled(first.size) and _contiguous(*arrays) and all(
                 a is None or a.dtype == first.dtype for a in arrays):
-            gemm = blas.gemm(first.dtype.name)
+            gemm = blas.gemm_for(first.dtype)
         if gemm is None:
             self._pool.post_pending()
         return gemm
@@ -222,7 +222,7 @@ class NumpyBackend(Backend):
         products and arrays it cannot take (another dtype, strided rows and columns)."""
         if (self.compiled and a.shape[0] * a.shape[1] * b.shape[1] >= kernels.GEMM_MIN
                 and a.dtype == b.dtype == out.dtype):
-            gemm = blas.gemm(a.dtype.name)
+            gemm = blas.gemm_for(a.dtype)
             if gemm is not None and kernels.gemm(gemm, a, b, out, accumulate,
                                                  self._pool.take_post()):
                 return
@@ -230,7 +230,7 @@ class NumpyBackend(Backend):
         super().matmul(a, b, out, accumulate)
 
     def fuses_conv(self, dtype: Any) -> bool:
-        return self.compiled and blas.gemm(np.dtype(dtype).name) is not None
+        return self.compiled and blas.gemm_for(dtype) is not None
 
     def conv_block(self, n: int, image_bytes: int) -> int:
         if not self.fuses_conv(self.dtype):

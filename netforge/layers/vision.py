@@ -2,7 +2,9 @@
 Im2col, Pooling and SPP.
 
 Convolution is im2col into the row layout (one row per output pixel) followed by one matrix
-product per group; its backward is the two transposed products and col2im. The batch is split
+product per group; its backward is the two transposed products and col2im (with a fusing
+backend, most layers without groups run per image on row-shift columns instead, kh products
+over windows of columns kh times smaller: _ConvolutionBase._layout). The batch is split
 into parts that run on every core at once (backend.parallel). Deconvolution is the same
 machinery run the other way round (Caffe's BaseConvolutionLayer with reversed dimensions): its
 forward is Convolution's backward-data and its backward-data is Convolution's forward. Im2col
@@ -14,6 +16,7 @@ one Pooling per pyramid level, as Caffe builds it, and concatenates the flattene
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -95,6 +98,11 @@ class _ConvGeometry:
             raise LayerError("kernel, stride and dilation must be positive")
         return cls(kernel, stride, pad, dil)
 
+    @functools.cached_property
+    def flat(self) -> tuple[int, ...]:
+        """(kh, kw, sh, sw, ph, pw, dh, dw), as the backend's kernels take it."""
+        return (*self.kernel, *self.stride, *self.pad, *self.dilation)
+
     @property
     def extent(self) -> tuple[int, int]:
         """The span of a dilated kernel: d(k − 1) + 1."""
@@ -152,7 +160,9 @@ class _ConvolutionBase(Layer):
     This orientation keeps the long N·P axis as the GEMMs' M or K, where OpenBLAS runs fastest
     (measured ~25% faster than the (K, N·P) layout on LeNet's conv2). A row's K entries are
     ordered (i, j, c) (``channels_last``; W is permuted to match, and dW back) or, with groups
-    and in Deconvolution, Caffe's (c, i, j).
+    and in Deconvolution, Caffe's (c, i, j). Convolution without groups also has two
+    per-image layouts (``_layout``): Caffe's columns, and the row-shift columns a fusing
+    backend runs as kh GEMMs per image (stride 1 in height).
     """
 
     min_bottoms = 1
@@ -287,17 +297,17 @@ class _ConvolutionBase(Layer):
         make the columns a few images at a time; returns the buffer ``key`` holding all of
         the part's columns when ``keep``, else scratch. ``wt`` is _weights_t() for the row
         layout."""
-        g = self.geom
         n, p = x.shape[0], y.shape[2] * y.shape[3]
-        k = self.conv_in * g.kernel[0] * g.kernel[1]
-        images = n if keep else self.backend.conv_block(n, k * p * x.itemsize)
         bias = self.blobs[1].data if self.bias_term else None
-        geometry = (*g.kernel, *g.stride, *g.pad, *g.dilation)
+        geometry = self.geom.flat
         out = y.reshape(n, self.conv_out, p)
         if layout == "shifted":  # one image's columns at a time unless kept
             cols = self.buffer(key, (n if keep else 1, *self._shifted_shape(x)))
             self.backend.conv_forward_shifted(x, self.blobs[0].data, bias, out, cols, geometry)
-        elif layout == "images":
+            return cols
+        k = self.conv_in * self.geom.kernel[0] * self.geom.kernel[1]
+        images = n if keep else self.backend.conv_block(n, k * p * x.itemsize)
+        if layout == "images":
             cols = self.buffer(key, (images, k, p))
             self.backend.conv_forward_images(x, self.blobs[0].data.reshape(self.conv_out, -1),
                                              bias, out, cols, geometry)
@@ -339,12 +349,9 @@ class _ConvolutionBase(Layer):
         by a fusing backend a block of images at a time, in the buffer ``key``); ``w`` is
         _weights() for the row layout. Returns dW in the blob's order, and db (None without a
         bias)."""
-        g = self.geom
         n, p = x.shape[0], dy.shape[2] * dy.shape[3]
-        k = self.conv_in * g.kernel[0] * g.kernel[1]
-        block = self.backend.conv_block(n, k * p * x.itemsize)
         recompute = cols is None
-        geometry = (*g.kernel, *g.stride, *g.pad, *g.dilation)
+        geometry = self.geom.flat
         dy = dy.reshape(n, self.conv_out, p)
         if layout == "shifted":
             if recompute:
@@ -354,6 +361,8 @@ class _ConvolutionBase(Layer):
             self.backend.conv_backward_shifted(x, dy, self.blobs[0].data, dw, db, dx, cols,
                                                geometry, recompute)
             return dw, db
+        k = self.conv_in * self.geom.kernel[0] * self.geom.kernel[1]
+        block = self.backend.conv_block(n, k * p * x.itemsize)
         dw = self.buffer(f"dw.{part}", (self.conv_out, k))
         if layout == "images":  # Caffe's column order: W as it is
             if recompute:
