@@ -63,8 +63,12 @@ if hasattr(os, "register_at_fork"):
 
 
 # How long a thread busy-waits (without the GIL) for the next job or for the other workers,
-# in reads of about 1 ns, before it sleeps: ~2 ms covers the Python work between two layers of a
-# training step, and an idle process stops using the cores soon after.
+# in turns of the wait loop, before it sleeps: ~0.6 ms on this project's machine (~0.3 ns a
+# turn), which covers the Python work between two layers, and an idle process stops using the
+# cores soon after. Longer waits made the benchmark's step faster (2^25 turns, ~10 ms: LeNet
+# -0.3 to -0.5 ms in most in-process A/B runs, one run +0.6) but a real training run slower:
+# the Data layer's prefetch thread then finds no idle core (10,000 LeNet iterations, median
+# 93 iter/s with 2^21 turns, 86 with ~2.5 ms, 84 with ~10 ms).
 SPIN_TURNS = 1 << 21
 # A caller that has gone to sleep waiting for its helpers is woken by them; it also looks this
 # often (s), for the rare report a helper made just before it saw the caller asleep, and for a
@@ -87,7 +91,7 @@ class BatchPool:
 
     The caller publishes a job and bumps ``_flags[0]`` (the job number); each helper thread
     runs its parts of it and stores the job number in its own ``_flags[8·w]`` (a cache line
-    apart). With numba both sides busy-wait on those counters for ~2 ms with the GIL released
+    apart). With numba both sides busy-wait on those counters for ~0.6 ms with the GIL released
     (kernels.report_and_wait) before they sleep, so a layer's parts start and finish within
     microseconds of each other, where an OS wake-up costs 20-100 µs per layer on a VM. A
     helper stores its counter from inside that wait, after it has let go of the GIL, so the
