@@ -952,9 +952,7 @@ def test_backend_matmul_takes_transposed_and_sliced_operands(
     transposed and row-sliced operands, into a slice of rows, replacing or accumulating, in
     both dtypes one after the other (the float32 call once ran through the code compiled for
     float64); operands whose rows and columns are both strided take NumPy's matmul."""
-    from netforge.backend import kernels
-
-    monkeypatch.setattr(kernels, "GEMM_MIN", 0)  # these small products too
+    monkeypatch.setattr(NumpyBackend, "gemm_min", 0)  # these small products too
     rng = np.random.default_rng(71)
     for dtype in ("float64", "float32", "float64"):
         backend = NumpyBackend(dtype, compiled=compiled)

@@ -247,11 +247,10 @@ class Backend(ABC):
         x[n] (entries i·dh·ow to i·dh·ow + P) (+ ``bias``), for W (O, C, kh, kw) and a stride
         of 1 in height. ``cols`` (N, C·kw, rows·ow) is left holding every image's columns; a
         smaller one is scratch."""
-        kh, dh = geometry[0], geometry[6]
         n, p = x.shape[0], y.shape[2]
+        kh, step = geometry[0], self._shift_step(x, geometry)
         wk = self._by_kernel_row(w)
         col = self.shifted_columns(x, geometry, out=cols if cols.shape[0] == n else None)
-        step = dh * (col.shape[2] // (x.shape[2] + 2 * geometry[4]))
         self.xp.matmul(wk[0], col[:, :, :p], out=y)
         for i in range(1, kh):
             y += self.xp.matmul(wk[i], col[:, :, i * step:i * step + p])
@@ -266,13 +265,12 @@ class Backend(ABC):
         window i. ``cols`` holds the row-shift columns of x kept from forward (used up when
         dx is made), or with ``recompute`` is a buffer to make them in again, which may hold
         one image's."""
-        kh, dh = geometry[0], geometry[6]
         n, p = dy.shape[0], dy.shape[2]
+        kh, step = geometry[0], self._shift_step(x, geometry)
         wk = self._by_kernel_row(w)
         col = cols
         if recompute:
             col = self.shifted_columns(x, geometry, out=cols if cols.shape[0] == n else None)
-        step = dh * (col.shape[2] // (x.shape[2] + 2 * geometry[4]))
         o, c = dw.shape[:2]
         for i in range(kh):
             window = col[:, :, i * step:i * step + p]
@@ -285,6 +283,12 @@ class Backend(ABC):
             for i in range(kh):
                 col[:, :, i * step:i * step + p] += self.xp.matmul(wk[i].T, dy)
             self.shifted_columns_adjoint(col, dx.shape, geometry, out=dx)
+
+    @staticmethod
+    def _shift_step(x: Any, geometry: tuple[int, ...]) -> int:
+        """How far apart kernel rows' windows start in row-shift columns: dh·ow entries."""
+        _, kw, _, sw, _, pw, dh, dw = geometry
+        return dh * conv_out_size(x.shape[3], kw, sw, pw, dw)
 
     @staticmethod
     def _by_kernel_row(w: Any) -> Any:

@@ -576,8 +576,6 @@ if AVAILABLE:
         if post:
             _store_release(flags, 0, post)
 
-
-if AVAILABLE:
     @njit(nogil=True, cache=True)
     def _gemm_call(gemm: Any, trans_a: int, trans_b: int, m: int, n: int, k: int, alpha: Any,
                    a: Any, lda: int, b: Any, ldb: int, beta: Any, c: Any, ldc: int, flags: Any,
@@ -598,19 +596,11 @@ def _operand(a: np.ndarray) -> tuple[int, int] | None:
     return None
 
 
-# Below this many multiply-adds NumPy's matmul (~8 µs for 0.3 M) beats the compiled call's
-# overhead (~10 µs more, mostly numba's dispatch).
-GEMM_MIN = 1 << 20
-
-
 def gemm(gemm: Any, a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool,
          post: tuple[np.ndarray, int] = NO_POST) -> bool:
     """out (M, N) = a (M, K) · b (K, N) (+ out with ``accumulate``) through CBLAS's GEMM,
     from a compiled call that first stores ``post``; 2-D arrays of one dtype whose rows or
-    columns are contiguous (out's rows), at least GEMM_MIN multiply-adds. False, having done
-    nothing, for other arrays."""
-    if a.shape[0] * a.shape[1] * b.shape[1] < GEMM_MIN:
-        return False
+    columns are contiguous (out's rows). False, having done nothing, for other arrays."""
     ta, tb, tc = _operand(a), _operand(b), _operand(out)
     if ta is None or tb is None or tc is None or tc[0] != NO_TRANS:
         return False
@@ -1003,11 +993,11 @@ _FACTORIES: dict[str, Any] = {
     "im2col_hwc": lambda *g: _make_hwc(*g, adjoint=False),
     "col2im_hwc": lambda *g: _make_hwc(*g, adjoint=True),
     "im2col_images": lambda *g: _make_images(*g, adjoint=False),
+    "col2im_images": lambda *g: _make_images(*g, adjoint=True),
     "im2col_shifted": lambda *g: _make_shifted(*g, adjoint=False),
     "col2im_shifted": lambda *g: _make_shifted(*g, adjoint=True),
     "conv_shifted": _make_conv_shifted,
     "conv_shifted_backward": _make_conv_shifted_backward,
-    "col2im_images": lambda *g: _make_images(*g, adjoint=True),
     "max": lambda *g: _make_max_pool(*g, with_arg=True),
     "max_values": lambda *g: _make_max_pool(*g, with_arg=False),
     "ave": _make_ave_pool,

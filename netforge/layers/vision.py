@@ -137,12 +137,12 @@ class _ConvGeometry:
         """(N, C, H, W) -> (N, C·kh·kw, oh·ow); a free reshape for 1x1 stride-1 unpadded kernels."""
         if self._is_1x1():
             return x.reshape(x.shape[0], x.shape[1], -1)
-        return backend.im2col(x, *self.kernel, *self.stride, *self.pad, *self.dilation)
+        return backend.im2col(x, *self.flat)
 
     def col2im(self, backend: Backend, col: Any, shape: tuple[int, ...]) -> Any:
         if self._is_1x1():
             return col.reshape(shape)
-        return backend.col2im(col, shape, *self.kernel, *self.stride, *self.pad, *self.dilation)
+        return backend.col2im(col, shape, *self.flat)
 
 
 class _ConvolutionBase(Layer):
@@ -252,8 +252,7 @@ class _ConvolutionBase(Layer):
         n, c, h, w = x.shape
         oh, ow = g.conv_out(h, w)
         k = c * g.kernel[0] * g.kernel[1]
-        args = (*g.kernel, *g.stride, *g.pad, *g.dilation)
-        return self.backend.im2col_rows(x, *args, out=self.buffer(key, (n * oh * ow, k)),
+        return self.backend.im2col_rows(x, *g.flat, out=self.buffer(key, (n * oh * ow, k)),
                                         channels_last=self.channels_last)
 
     def _to_rows(self, y: Any, key: str) -> Any:
@@ -339,8 +338,8 @@ class _ConvolutionBase(Layer):
             dcol = self.buffer(f"apply_t.{slot}", (dy.shape[0], w.shape[2] * g))
         for i in range(g):
             self.xp.matmul(self._group_cols(dy, i), w[i], out=self._group_cols(dcol, i))
-        self.backend.col2im_rows(dcol, out.shape, *geom.kernel, *geom.stride, *geom.pad,
-                                 *geom.dilation, out=out, channels_last=self.channels_last)
+        self.backend.col2im_rows(dcol, out.shape, *geom.flat, out=out,
+                                 channels_last=self.channels_last)
 
     def _backward_part(self, x: Any, dy: Any, dx: Any, cols: Any, key: str, slot: int,
                        part: int, w: Any, layout: str) -> tuple[Any, Any]:
