@@ -604,9 +604,10 @@ def gemm(gemm: Any, a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: b
     ta, tb, tc = _operand(a), _operand(b), _operand(out)
     if ta is None or tb is None or tc is None or tc[0] != NO_TRANS:
         return False
-    # alpha and beta in the arrays' dtype: numba tells the sgemm and dgemm arguments apart by
-    # them (it ran a call with sgemm through the code compiled for dgemm when they were
-    # Python floats: wrong products)
+    # alpha and beta in the arrays' dtype, the GEMM's own: when this call passed addresses
+    # instead of arrays, Python floats here left numba nothing to tell the sgemm and dgemm
+    # calls apart by, and it ran an sgemm call through the code compiled for dgemm (wrong
+    # products; the arrays' types now tell them apart as well)
     real = out.dtype.type
     _gemm_call(gemm, ta[0], tb[0], out.shape[0], out.shape[1], a.shape[1], real(1.0), a, ta[1],
                b, tb[1], real(1.0 if accumulate else 0.0), out, tc[1], *post)
