@@ -242,6 +242,8 @@ class Net:
         self.outputs: list[str] = []
         self.loss = 0.0
         self._build(param, smap)
+        # per layer: the bottom and top shapes its last reshape in forward() saw
+        self._shaped: list[list[tuple[int, ...]] | None] = [None] * len(self.layers)
         if weights is not None:
             self.copy_from(weights)
 
@@ -505,10 +507,17 @@ class Net:
             self.blobs[name].data[...] = arr
         end = len(self.layers) - 1 if end is None else end
         loss = 0.0
+        shaped = self._shaped
         with self.backend.running():
             for i in range(start, end + 1):
                 layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
-                layer.reshape(bottom, top)
+                # Caffe reshapes every layer before every forward. A layer whose reshape
+                # depends only on shapes is skipped while its bottoms and tops keep the shapes
+                # its last reshape saw (LeNet: ~0.1 ms a step of Python).
+                shapes = [b.data.shape for b in bottom] + [t.data.shape for t in top]
+                if shapes != shaped[i] or layer.reshape_each_forward or not bottom:
+                    layer.reshape(bottom, top)
+                    shaped[i] = [b.data.shape for b in bottom] + [t.data.shape for t in top]
                 layer.forward(bottom, top)
                 for t, w in zip(top, self.loss_weights[i], strict=True):
                     if w:

@@ -204,6 +204,42 @@ def test_loss_is_weighted_sum_and_loss_weight_defaults() -> None:
     assert net.layer_need_backward[-1] is False
 
 
+def test_forward_reshapes_a_layer_only_when_a_shape_changed(monkeypatch) -> None:
+    text = """
+    input: "x" input_shape { dim: 2 dim: 3 dim: 4 dim: 4 }
+    input: "s" input_shape { dim: 2 dim: 1 }
+    layer { name: "pool" type: "Pooling" bottom: "x" top: "p"
+            pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+    layer { name: "keep" type: "Filter" bottom: "p" bottom: "s" top: "f" }
+    """
+    net = build(text, "TEST")
+    calls: dict[str, int] = {}
+    for layer in net.layers:
+        original = layer.reshape
+
+        def counted(bottom, top, original=original, name=layer.name) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            original(bottom, top)
+
+        monkeypatch.setattr(layer, "reshape", counted)
+    x = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    net.forward(x=x, s=np.array([[1.0], [1.0]]))
+    net.forward(x=x, s=np.array([[0.0], [1.0]]))
+    # Pooling's shapes did not change: one reshape. Filter's top follows the selector's
+    # values, so it is reshaped before every forward, as Caffe reshapes every layer.
+    assert (calls["pool"], calls["keep"]) == (1, 2)
+    assert net.blobs["f"].shape == (1, 3, 2, 2)
+    np.testing.assert_array_equal(net.blobs["f"].data[0], x[1, :, 1::2, 1::2])
+    # a new input shape reaches the layers below it
+    net.forward(x=np.zeros((2, 3, 6, 6), np.float32), s=np.array([[1.0], [1.0]]))
+    assert (calls["pool"], calls["keep"]) == (2, 3)
+    assert net.blobs["p"].shape == (2, 3, 3, 3) and net.blobs["f"].shape == (2, 3, 3, 3)
+    # a top reshaped from outside is shaped again by its layer
+    net.blobs["p"].reshape((1, 1, 1, 1))
+    net.forward(x=np.zeros((2, 3, 6, 6), np.float32), s=np.array([[1.0], [1.0]]))
+    assert calls["pool"] == 3 and net.blobs["p"].shape == (2, 3, 3, 3)
+
+
 def test_loss_layer_without_top_gets_anonymous_top() -> None:
     text = """
     layer { name: "data" type: "DummyData" top: "x" top: "y"

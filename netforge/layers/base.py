@@ -74,6 +74,10 @@ class Layer(ABC):
     auto_top_blobs: ClassVar[bool] = False
     # Layers without a backward (data, accuracy): the net never asks them for gradients.
     has_backward: ClassVar[bool] = True
+    # Layers whose reshape reads more than the bottoms' shapes (Filter counts its selector's
+    # values; a Python layer may do anything): Net.forward reshapes them before every forward,
+    # as Caffe does every layer. Others are reshaped when a bottom or top changed shape.
+    reshape_each_forward: ClassVar[bool] = False
 
     def __init__(self, param: pb.LayerParameter, ctx: LayerContext):
         self.param = param

@@ -71,6 +71,7 @@ class Python(Layer):
     """Delegates to the user class named by python_param."""
 
     type = "Python"
+    reshape_each_forward = True  # the user's reshape may read anything
 
     def __init__(self, param: Any, ctx: Any):
         super().__init__(param, ctx)

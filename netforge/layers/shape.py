@@ -498,6 +498,7 @@ class Filter(Layer):
     type = "Filter"
     min_bottoms = 2
     min_tops = 1
+    reshape_each_forward = True  # the tops' length is the selector's count of nonzeros
 
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         if len(top) != len(bottom) - 1:
