@@ -155,6 +155,56 @@ def test_softmax_loss_ignored_label_may_be_out_of_range() -> None:
     assert np.isfinite(top[0].data)
 
 
+@pytest.mark.parametrize("params, shape, label_shape", [
+    ("", (64, 10), (64,)),
+    ("loss_param { ignore_label: 2 normalization: FULL }", (6, 5, 3, 2), (6, 3, 2)),
+    ("loss_param { ignore_label: 7 normalization: BATCH_SIZE } softmax_param { axis: 2 }",
+     (3, 2, 8), (3, 2)),
+])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_loss_compiled_pass_matches_numpy(params: str, shape: tuple, label_shape: tuple,
+                                                 dtype: str) -> None:
+    """The one-pass kernels (a compiled backend) and the NumPy expressions give the same loss,
+    softmax top and gradient; backward to the bit (both round each float64 product once)."""
+    from netforge.backend import NumpyBackend, kernels
+    if not kernels.AVAILABLE:
+        pytest.skip("numba is not installed")
+    x = 4 * blob(shape, dtype=dtype).data
+    axis = 2 if "axis: 2" in params else 1
+    classes = shape[axis]
+    lab = labels(label_shape, classes).astype(dtype)
+    if "ignore_label: 7" in params:
+        lab[0, 0] = 7  # an ignored label outside the classes
+    results = []
+    for compiled in (True, False):
+        layer = make_layer("SoftmaxWithLoss", params, dtype=dtype)
+        layer.backend = NumpyBackend(dtype, compiled=compiled)
+        bottom = [blob(data=x, dtype=dtype), blob(data=lab, dtype=dtype)]
+        top = tops(2, dtype=dtype)
+        run_forward(layer, bottom, top)
+        assert layer.fused is compiled
+        top[0].diff[...] = 0.5  # a loss weight
+        layer.backward(top, [True, False], bottom)
+        results.append((float(top[0].data), top[1].data.copy(), bottom[0].diff.copy()))
+    (loss, prob, grad), (np_loss, np_prob, np_grad) = results
+    rtol = 1e-5 if dtype == "float32" else 1e-12
+    assert loss == pytest.approx(np_loss, rel=rtol)
+    np.testing.assert_allclose(prob, np_prob, rtol=rtol, atol=1e-7 if dtype == "float32" else 0)
+    np.testing.assert_allclose(grad, np_grad, rtol=rtol, atol=1e-8 if dtype == "float32" else 0)
+    assert np.count_nonzero(grad) < grad.size if "ignore" in params else True
+
+
+@pytest.mark.parametrize("bad", [3.0, -1.0, 1e30, float("nan")])
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
+def test_softmax_loss_bad_label_in_either_pass(bad: float, compiled: bool) -> None:
+    from netforge.backend import NumpyBackend
+    layer = make_layer("SoftmaxWithLoss", "loss_param { ignore_label: 255 }")
+    layer.backend = NumpyBackend("float64", compiled=compiled)
+    with pytest.raises(LayerError, match="outside the 3 classes"):
+        run_forward(layer, [blob((3, 3)), blob(data=np.array([0.0, 255.0, bad]))], tops(1))
+
+
 # -- EuclideanLoss ---------------------------------------------------------------------------------
 def test_euclidean_forward() -> None:
     a, b = blob((5, 2, 3)).data, blob((5, 2, 3), seed=2).data

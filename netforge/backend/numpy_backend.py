@@ -342,6 +342,20 @@ class NumpyBackend(Backend):
         else:
             super().relu_backward(x, dy, dx, slope)
 
+    def softmax_loss(self, x: np.ndarray, labels: np.ndarray, ignore: int | None,
+                     prob: np.ndarray, floor: float) -> tuple[float, int, int | None]:
+        """SoftmaxWithLoss's forward in one compiled pass (``compiled`` only): prob = the
+        softmax of x (outer, K, inner) along axis 1; returns (Σ −log max(p_label, floor) over
+        the labels that count, their number, None), or (0, 0, v) for a label v outside
+        [0, K) that is not ``ignore``."""
+        return kernels.softmax_loss(np.ascontiguousarray(x), labels.reshape(-1), ignore, prob,
+                                    floor)
+
+    def softmax_loss_backward(self, prob: np.ndarray, labels: np.ndarray, ignore: int | None,
+                              scale: float, diff: np.ndarray) -> None:
+        """diff = (prob − onehot(label))·scale, 0 where the label is ignored."""
+        kernels.softmax_loss_backward(prob, labels.reshape(-1), ignore, scale, diff)
+
     def sgd_update(self, data: np.ndarray, diff: np.ndarray, history: np.ndarray,
                    decay: float, lr: float, momentum: float, tmp: np.ndarray) -> None:
         """One pass over the blob instead of six (the same float32 operations in the same

@@ -57,9 +57,12 @@ def class_labels(xp: Any, labels: Blob, outer: int, channels: int, inner: int,
         valid = lab != ignore
     bad = valid & ((lab < 0) | (lab >= channels))
     if bool(bad.any()):
-        value = int(lab[bad][0])
-        raise LayerError(f"label value {value} is outside the {channels} classes [0, {channels})")
+        raise bad_label(int(lab[bad][0]), channels)
     return xp.where(valid, lab, 0), valid
+
+
+def bad_label(value: int, channels: int) -> LayerError:
+    return LayerError(f"label value {value} is outside the {channels} classes [0, {channels})")
 
 
 def masked(values: Any, valid: Any) -> Any:
@@ -169,6 +172,18 @@ class SoftmaxWithLoss(_SoftmaxClassLoss):
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         xp = self.xp
+        self.fused = self.backend.compiled  # the same sums in one compiled pass each way
+        if self.fused:
+            shape3 = (self.outer, self.channels, self.inner)
+            self.prob = self.buffer("prob", shape3)
+            loss, self.counted, bad = self.backend.softmax_loss(
+                bottom[0].data.reshape(shape3), bottom[1].data, self.ignore, self.prob, FLT_MIN)
+            if bad is not None:
+                raise bad_label(bad, self.channels)
+            if len(top) > 1:
+                top[1].data[...] = self.prob.reshape(bottom[0].shape)
+            top[0].data[...] = loss / self.normalizer(self.counted)
+            return
         self.softmax_and_labels(bottom, top)
         p = xp.take_along_axis(self.prob, self.label[:, None, :], axis=1)[:, 0, :]
         loss = -masked(xp.log(xp.maximum(p, FLT_MIN)), self.valid).sum()
@@ -181,8 +196,13 @@ class SoftmaxWithLoss(_SoftmaxClassLoss):
         if not propagate_down[0]:
             return
         xp = self.xp
-        scale = scalar_diff(top[0]) / self.normalizer(self.count())
         diff = bottom[0].diff.reshape(self.prob.shape)
+        if self.fused:
+            scale = scalar_diff(top[0]) / self.normalizer(self.counted)
+            self.backend.softmax_loss_backward(self.prob, bottom[1].data, self.ignore,
+                                               float(scale), diff)
+            return
+        scale = scalar_diff(top[0]) / self.normalizer(self.count())
         xp.multiply(self.prob, scale, out=diff)
         picked = xp.take_along_axis(diff, self.label[:, None, :], axis=1)
         xp.put_along_axis(diff, self.label[:, None, :], picked - scale, axis=1)
