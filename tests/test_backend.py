@@ -148,16 +148,23 @@ def test_compiled_im2col_col2im_match_numpy(case: tuple[int, ...]) -> None:
 @pytest.mark.parametrize("geometry", [
     "kernel_size: 2 stride: 2", "kernel_size: 3 stride: 2", "kernel_size: 3 stride: 2 pad: 1",
     "kernel_h: 3 kernel_w: 2 stride_h: 1 stride_w: 2 pad_h: 1 pad_w: 0",
+    "kernel_size: 2 stride: 2 round_mode: FLOOR", "kernel_size: 1 stride: 2",
     "kernel_size: 2 stride: 3", "kernel_size: 4 stride: 3 pad: 2"])
-def test_compiled_pooling_matches_numpy(pool: str, geometry: str) -> None:
+@pytest.mark.parametrize("shape", [(8, 16, 21, 20), (8, 16, 20, 18)])  # odd H; H = oh·sh
+@pytest.mark.parametrize("phase", [0, 1])  # TRAIN, TEST (MAX without the argmax)
+def test_compiled_pooling_matches_numpy(pool: str, geometry: str, shape: tuple[int, ...],
+                                        phase: int) -> None:
+    """(8, 16, 20, 18) with kernel 2 stride 2 or kernel 1 stride 2 pools the planes stacked
+    into one (kernels._stacked)."""
     from netforge.blob import Blob
     from tests.helpers import make_layer
 
     rng = np.random.default_rng(4)
-    x = rng.normal(size=(8, 16, 21, 20)).round(1)  # rounding makes ties: first max must win
+    x = rng.normal(size=shape).round(1)  # rounding makes ties: first max must win
     outs = []
     for compiled in (True, False):
-        layer = make_layer("Pooling", f"pooling_param {{ pool: {pool} {geometry} }}")
+        layer = make_layer("Pooling", f"pooling_param {{ pool: {pool} {geometry} }}",
+                           phase=phase)
         layer.backend = NumpyBackend("float64", compiled=compiled)
         bottom, tops = Blob(layer.backend, x.shape), [Blob(layer.backend)]
         bottom.data[...] = x

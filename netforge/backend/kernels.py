@@ -1032,9 +1032,25 @@ def _max_overhang(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...],
 # Each pooling and ReLU kernel takes ``post`` = (flags, n) as the fused convolutions do: a
 # deferred job's caller starts the other workers from inside it (BatchPool.take_post).
 
+def _stacked(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...],
+             *more: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(x, out, *more) as one plane each when the windows tile every plane's rows exactly (no
+    padding or overhang, kh ≤ sh, H = oh·sh): the planes stacked one under the other have the
+    same windows, and the kernels' loops run over N·C·oh rows instead of N·C short planes
+    (LeNet's pool2, 8×8 planes: forward 25% faster). Otherwise the arrays as they are."""
+    kh, _, sh, _, ph, pw = geometry
+    n, c, h, w = x.shape
+    oh, ow = out.shape[2:]
+    if (ph or pw or kh > sh or h != oh * sh or _clipped(_pool_bounds(x, out, geometry), out)
+            or not all(a.flags.c_contiguous for a in (x, out, *more))):
+        return (x, out, *more)
+    rows = (1, 1, n * c * oh, ow)
+    return x.reshape(1, 1, n * c * h, w), out.reshape(rows), *(a.reshape(rows) for a in more)
+
+
 def max_pool(x: np.ndarray, best: np.ndarray, arg: np.ndarray, geometry: tuple[int, ...],
              post: tuple[np.ndarray, int] = NO_POST) -> None:
-    x = np.ascontiguousarray(x)
+    x, best, arg = _stacked(np.ascontiguousarray(x), best, geometry, arg)
     bounds = _pool_bounds(x, best, geometry)
     _kernel("max", geometry)(x, best, arg, *bounds, _max_overhang(x, best, geometry, bounds),
                              *post)
@@ -1042,7 +1058,7 @@ def max_pool(x: np.ndarray, best: np.ndarray, arg: np.ndarray, geometry: tuple[i
 
 def max_pool_values(x: np.ndarray, best: np.ndarray, geometry: tuple[int, ...],
                     post: tuple[np.ndarray, int] = NO_POST) -> None:
-    x = np.ascontiguousarray(x)
+    x, best = _stacked(np.ascontiguousarray(x), best, geometry)
     unused = np.zeros((1, 1, 1, 1), dtype=np.int32)
     bounds = _pool_bounds(x, best, geometry)
     _kernel("max_values", geometry)(x, best, unused, *bounds,
@@ -1051,7 +1067,8 @@ def max_pool_values(x: np.ndarray, best: np.ndarray, geometry: tuple[int, ...],
 
 def max_pool_backward(dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
                       geometry: tuple[int, ...], post: tuple[np.ndarray, int] = NO_POST) -> None:
-    _kernel("max_backward", geometry)(np.ascontiguousarray(dy), arg, dx, *post)
+    dx, dy, arg = _stacked(dx, np.ascontiguousarray(dy), geometry, arg)
+    _kernel("max_backward", geometry)(dy, arg, dx, *post)
 
 
 def ave_pool(x: np.ndarray, out: np.ndarray, size: np.ndarray, geometry: tuple[int, ...],
