@@ -359,22 +359,13 @@ class NumpyBackend(Backend):
     def sgd_update(self, data: np.ndarray, diff: np.ndarray, history: np.ndarray,
                    decay: float, lr: float, momentum: float, tmp: np.ndarray) -> None:
         """One pass over the blob instead of six (the same float32 operations in the same
-        order, so the same bits): LeNet's update 0.36 -> 0.14 ms. A blob of ≥ 2^17 elements
-        is split over the workers: a training step reaches LeNet's ip1 weights (1.6 MB, and
-        as much again of gradient and history) out of cache, and one core's memory bandwidth
-        bounds the pass (0.30 ms of a ~9 ms step; in-process A/B, split: 0.32 ms faster in
-        17 of 24 rounds)."""
+        order, so the same bits): LeNet's update 0.36 -> 0.14 ms."""
         if self.use_compiled(data.size) and data.dtype == np.float32 and _contiguous(
                 data, diff, history):
-            w, g, h = data.reshape(-1), diff.reshape(-1), history.reshape(-1)
-            self.map_parts(w.size, w.size * self.update_split_cost,
-                           lambda p: kernels.sgd_update(w[p], g[p], h[p], decay, lr, momentum))
+            kernels.sgd_update(data.reshape(-1), diff.reshape(-1), history.reshape(-1),
+                               decay, lr, momentum)
             return
         super().sgd_update(data, diff, history, decay, lr, momentum, tmp)
-
-    # map_parts's cost per element of an SGD update: with parallel_min = 2^19, a blob of 2^17
-    # elements or more is split
-    update_split_cost = 4
 
     def scatter_add(self, target: np.ndarray, flat_index: Any, values: Any) -> None:
         """target.flat[flat_index] += values, summing repeated indices."""
