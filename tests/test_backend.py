@@ -758,6 +758,7 @@ def test_compiled_sgd_update_matches_numpy_bit_for_bit(decay: float) -> None:
     for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(results[0][0], arrays[0])
+    np.testing.assert_array_equal(results[0][1], results[0][2])  # diff = history, as Caffe
 
 
 @kernels_available

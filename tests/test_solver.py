@@ -160,6 +160,22 @@ def test_update_rules_match_reference(kind: str, iters: int) -> None:
     np.testing.assert_allclose(solver.net.params["ip"][1].data, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", list(SOLVER_SETTINGS))
+def test_diff_holds_the_update_value_after_a_step(kind: str) -> None:
+    """Caffe's solvers leave each parameter's update value in its diff (SGD copies the
+    history there) and Net::Update subtracts it from the data."""
+    solver = least_squares(f'type: "{kind}" ' + SOLVER_SETTINGS[kind])
+    solver.step(2)
+    before = [p.data.copy() for p in solver.net.params["ip"]]
+    solver.step(1)
+    for p, old in zip(solver.net.params["ip"], before, strict=True):
+        np.testing.assert_allclose(p.diff, old - p.data, rtol=1e-9, atol=1e-15)
+        assert np.any(p.diff != 0)
+    if kind == "SGD":
+        for i, p in enumerate(solver.net.params["ip"]):
+            np.testing.assert_array_equal(p.diff, solver.history[i])
+
+
 def test_sgd_l1_and_multipliers() -> None:
     solver = least_squares('base_lr: 0.01 momentum: 0.5 weight_decay: 0.3 '
                            'regularization_type: "L1"', "lr_mult: 2 decay_mult: 0")

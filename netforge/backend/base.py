@@ -317,8 +317,9 @@ class Backend(ABC):
     def sgd_update(self, data: Any, diff: Any, history: Any, decay: float, lr: float,
                    momentum: float, tmp: Any) -> None:
         """Caffe's SGD step with L2 weight decay, in place, for one parameter blob:
-        diff += decay·data; history = momentum·history + lr·diff; data -= history.
-        ``tmp`` is a scratch array of the same shape."""
+        diff += decay·data; history = momentum·history + lr·diff; diff = history (Caffe leaves
+        the update value in the diff); data -= history. ``tmp`` is a scratch array of the same
+        shape."""
         xp = self.xp
         if decay:
             xp.multiply(data, decay, out=tmp)
@@ -326,6 +327,7 @@ class Backend(ABC):
         history *= momentum
         xp.multiply(diff, lr, out=tmp)
         history += tmp
+        diff[...] = history
         data -= history
 
     # -- kernels: every backend implements these -----------------------------------------------

@@ -1205,17 +1205,17 @@ if AVAILABLE:
     @njit(nogil=True, cache=True)
     def _sgd_update(w: Any, g: Any, h: Any, decay: Any, lr: Any, momentum: Any) -> None:
         for i in range(w.size):
-            gi = g[i] + w[i] * decay
-            g[i] = gi
-            hi = h[i] * momentum + gi * lr
+            hi = h[i] * momentum + (g[i] + w[i] * decay) * lr
             h[i] = hi
+            g[i] = hi  # Caffe's SGD leaves the update value in the diff
             w[i] -= hi
 
 
 def sgd_update(w: np.ndarray, g: np.ndarray, h: np.ndarray, decay: float, lr: float,
                momentum: float) -> None:
-    """In place on flat float32 arrays: g += decay·w; h = momentum·h + lr·g; w -= h, each
-    product and sum rounded to float32 as NumPy's passes round them."""
+    """In place on flat float32 arrays: h = momentum·h + lr·(g + decay·w); g = h (Caffe's
+    update value); w -= h, each product and sum rounded to float32 as NumPy's passes round
+    them."""
     f = np.float32
     _sgd_update(w, g, h, f(decay), f(lr), f(momentum))
 
