@@ -1106,7 +1106,7 @@ if AVAILABLE:
 
     @njit(nogil=True, cache=True)
     def _softmax_loss(x: Any, labels: Any, ignore: int, has_ignore: bool, prob: Any,
-                      floor: float) -> tuple[float, int, int, bool]:
+                      floor: float) -> tuple[float, int, float, bool]:
         outer, k, inner = x.shape
         loss, count = 0.0, 0
         for o in range(outer):
@@ -1126,10 +1126,10 @@ if AVAILABLE:
                 if not counts:
                     continue
                 if t < 0:  # the caller reports it
-                    return 0.0, 0, int(v) if -9.2e18 < v < 9.2e18 else -1, True
+                    return 0.0, 0, float(v), True
                 loss -= np.log(max(float(prob[o, t, i]), floor))
                 count += 1
-        return loss, count, 0, False
+        return loss, count, 0.0, False
 
     @njit(nogil=True, cache=True)
     def _softmax_loss_backward(prob: Any, labels: Any, ignore: int, has_ignore: bool,
@@ -1145,10 +1145,11 @@ if AVAILABLE:
 
 
 def softmax_loss(x: np.ndarray, labels: np.ndarray, ignore: int | None, prob: np.ndarray,
-                 floor: float) -> tuple[float, int, int | None]:
+                 floor: float) -> tuple[float, int, float | None]:
     """prob = the softmax of x (outer, K, inner) along axis 1; returns (Σ −log max(p_label,
     floor) over the labels that count, how many count, None), or (0, 0, v) for the first label
-    v outside [0, K) that is not ``ignore``. ``labels`` holds outer·inner stored labels."""
+    v (as stored) outside [0, K) that is not ``ignore``. ``labels`` holds outer·inner stored
+    labels."""
     loss, count, bad, is_bad = _softmax_loss(x, labels, 0 if ignore is None else ignore,
                                              ignore is not None, prob, floor)
     return (0.0, 0, bad) if is_bad else (loss, count, None)

@@ -343,11 +343,11 @@ class NumpyBackend(Backend):
             super().relu_backward(x, dy, dx, slope)
 
     def softmax_loss(self, x: np.ndarray, labels: np.ndarray, ignore: int | None,
-                     prob: np.ndarray, floor: float) -> tuple[float, int, int | None]:
+                     prob: np.ndarray, floor: float) -> tuple[float, int, float | None]:
         """SoftmaxWithLoss's forward in one compiled pass (``compiled`` only): prob = the
         softmax of x (outer, K, inner) along axis 1; returns (Σ −log max(p_label, floor) over
-        the labels that count, their number, None), or (0, 0, v) for a label v outside
-        [0, K) that is not ``ignore``."""
+        the labels that count, their number, None), or (0, 0, v) for a label v (as stored)
+        outside [0, K) that is not ``ignore``."""
         return kernels.softmax_loss(np.ascontiguousarray(x), labels.reshape(-1), ignore, prob,
                                     floor)
 

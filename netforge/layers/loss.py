@@ -57,12 +57,14 @@ def class_labels(xp: Any, labels: Blob, outer: int, channels: int, inner: int,
         valid = lab != ignore
     bad = valid & ((lab < 0) | (lab >= channels))
     if bool(bad.any()):
-        raise bad_label(int(lab[bad][0]), channels)
+        raise bad_label(float(labels.data.reshape(outer, inner)[bad][0]), channels)
     return xp.where(valid, lab, 0), valid
 
 
-def bad_label(value: int, channels: int) -> LayerError:
-    return LayerError(f"label value {value} is outside the {channels} classes [0, {channels})")
+def bad_label(value: float, channels: int) -> LayerError:
+    """The error for a label (as stored: a float, NaN included) outside the classes."""
+    shown = str(int(value)) if value.is_integer() and abs(value) < 2 ** 53 else str(value)
+    return LayerError(f"label value {shown} is outside the {channels} classes [0, {channels})")
 
 
 def masked(values: Any, valid: Any) -> Any:
