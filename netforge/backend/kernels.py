@@ -1038,10 +1038,10 @@ def _stacked(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...],
     padding or overhang, kh ≤ sh, H = oh·sh): the planes stacked one under the other have the
     same windows, and the kernels' loops run over N·C·oh rows instead of N·C short planes
     (LeNet's pool2, 8×8 planes: forward 25% faster). Otherwise the arrays as they are."""
-    kh, _, sh, _, ph, pw = geometry
+    kh, kw, sh, sw, ph, pw = geometry
     n, c, h, w = x.shape
     oh, ow = out.shape[2:]
-    if (ph or pw or kh > sh or h != oh * sh or _clipped(_pool_bounds(x, out, geometry), out)
+    if (ph or pw or kh > sh or h != oh * sh or (ow - 1) * sw + kw > w
             or not all(a.flags.c_contiguous for a in (x, out, *more))):
         return (x, out, *more)
     rows = (1, 1, n * c * oh, ow)
