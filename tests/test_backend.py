@@ -211,9 +211,11 @@ def test_pooling_padded_planes_give_the_clipped_windows_bits(
     bounds = kernels._pool_bounds(x, dy, geometry)
     assert kernels._clipped(bounds, dy)
     out = np.full(dy.shape, 5.0, dtype)
-    kernels._kernel("ave", geometry)(x, out, size, True, *kernels.NO_POST)
+    every = kernels.work_counter([slice(0, n)])
+    kernels._kernel("ave", geometry)(x, out, size, True, every, *kernels.NO_POST)
     dx = np.full(shape, 3.0, dtype)
-    kernels._kernel("ave_backward", geometry)(dy, dx, size, True, *kernels.NO_POST)
+    every = kernels.work_counter([slice(0, n)])
+    kernels._kernel("ave_backward", geometry)(dy, dx, size, True, every, *kernels.NO_POST)
     # the references: each window's cells inside the input, in row-major order
     ext_h, ext_w = (oh - 1) * sh + kh, (ow - 1) * sw + kw
     inside = np.zeros((n, c, ext_h, ext_w), dtype=bool)
@@ -240,10 +242,12 @@ def test_pooling_padded_planes_give_the_clipped_windows_bits(
     results = []
     for overhang in (True, False):
         best, arg = np.full(dy.shape, 5.0, dtype), np.full(dy.shape, 9, np.int32)
-        kernels._kernel("max", geometry)(x, best, arg, *bounds, overhang, *kernels.NO_POST)
+        kernels._kernel("max", geometry)(x, best, arg, *bounds, overhang,
+                                         kernels.work_counter([slice(0, n)]), *kernels.NO_POST)
         values = np.full(dy.shape, 6.0, dtype)
         kernels._kernel("max_values", geometry)(x, values, arg[:1, :1, :1], *bounds, overhang,
-                                             *kernels.NO_POST)
+                                                kernels.work_counter([slice(0, n)]),
+                                                *kernels.NO_POST)
         results.append((best, arg, values))
     for a, b in zip(*results, strict=True):
         assert a.tobytes() == b.tobytes()
@@ -531,8 +535,8 @@ def test_test_phase_max_pooling_skips_argmax_but_still_backprops(geometry: str) 
 def test_net_on_two_workers_matches_one(compiled: bool) -> None:
     """A whole net (Convolution, MAX and AVE Pooling, InnerProduct, loss) split over two
     workers gives the single worker's outputs and gradients up to summation order, and the
-    same results again on a second run (the split is static); with the compiled kernels and
-    with the NumPy paths."""
+    same results again on a second run (sums over images are made per fixed part, whichever
+    worker makes it); with the compiled kernels and with the NumPy paths."""
     from google.protobuf import text_format
 
     from netforge import Net
@@ -1080,6 +1084,106 @@ def test_fused_shifted_convolution_matches_the_numpy_steps(case: tuple[int, ...]
                     assert (dx == 8.0).all()
                     if not recompute:  # the kept columns stay usable
                         assert buffer.tobytes() == cols.tobytes()
+
+
+@fused_available
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_shifted_convolution_shares_out_images(dtype: str) -> None:
+    """Shared work (Backend.shares_work), played out one call after the other: a call makes
+    its own part's images, then takes those left at the back of the others' parts, so every
+    image is made once, with the bits of a call that makes them all; backward makes the weight
+    and bias gradients of each chunk it owns (whichever call that is) and the bottom gradients
+    of the images it takes."""
+    from netforge.backend import kernels
+    from netforge.backend.base import even_slices
+
+    geometry = (3, 3, 1, 1, 1, 1, 1, 1)
+    n, c, size, o = 7, 4, 9, 5
+    fast = NumpyBackend(dtype)
+    fast.compiled_min = 1
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(n, c, size, size)).astype(dtype)
+    weights = rng.normal(size=(o, c, 3, 3)).astype(dtype)
+    bias = rng.normal(size=o).astype(dtype)
+    dy = rng.normal(size=(n, o, size * size)).astype(dtype)
+    cols = np.empty((n, c * 3, (size + 2) * size), dtype)
+    want = np.empty((n, o, size * size), dtype)
+    fast.conv_forward_shifted(x, weights, bias, want, cols, geometry)
+    parts = even_slices(n, 2)
+
+    work = fast.work_counter(parts)
+    first, second = np.full_like(want, np.nan), np.full_like(want, np.nan)
+    fast.conv_forward_shifted(x, weights, bias, first, np.empty_like(cols), geometry,
+                              claim=work)  # owns part 0, then takes part 1 from the back
+    fast.conv_forward_shifted(x, weights, bias, second, np.empty_like(cols), geometry,
+                              claim=work)  # owns part 1: nothing left
+    assert first.tobytes() == want.tobytes() and np.isnan(second).all()
+
+    want_dx, want_dw, want_db = np.empty_like(x), np.empty_like(weights), np.empty(o, dtype)
+    fast.conv_backward_shifted(x, dy, weights, want_dw, want_db, want_dx, cols.copy(),
+                               geometry, False)
+    scratch = np.empty((1, *cols.shape[1:]), dtype)
+    dw = np.full((2, *weights.shape), np.nan, dtype)
+    db, dx = np.full((2, o), np.nan, dtype), np.full_like(x, np.nan)
+    work = fast.work_counter(parts)
+    work[kernels.CLAIMS] = 1  # part 0 is another call's, which has not started yet
+    fast.conv_backward_shifted(x, dy, weights, dw, db, dx, cols, geometry, False,
+                               chunks=parts, claim=work, scratch=scratch)
+    assert np.isnan(dw[0]).all() and np.isnan(db[0]).all()  # not this call's chunk
+    assert dx.tobytes() == want_dx.tobytes()  # its own images, then all of part 0's
+    work[kernels.CLAIMS], work[kernels.PARTS] = 0, 1  # now part 0's owner runs
+    fast.conv_backward_shifted(x, dy, weights, dw, db, dx, cols, geometry, False,
+                               chunks=parts, claim=work, scratch=scratch)
+    assert dx.tobytes() == want_dx.tobytes()
+    tol = 1e-4 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(dw[0] + dw[1], want_dw, rtol=tol, atol=tol)
+    np.testing.assert_allclose(db[0] + db[1], want_db, rtol=tol, atol=tol)
+    for k, part in enumerate(parts):  # each chunk's sums are its own images'
+        alone = np.empty_like(weights)
+        fast.conv_backward_shifted(x[part], dy[part], weights, alone, None, None,
+                                   cols[part].copy(), geometry, False)
+        assert alone.tobytes() == dw[k].tobytes()
+
+
+@kernels_available
+@pytest.mark.parametrize("kind", ["max", "ave"])
+def test_pooling_shares_out_images(kind: str) -> None:
+    """The pooling kernels with shared work: two calls on one work array, one after the other,
+    make every image once (the first takes the second's part from the back), with the bits of
+    one call over the whole batch; forward and backward."""
+    from netforge.backend import kernels
+    from netforge.backend.base import even_slices
+
+    geometry = (2, 2, 2, 2, 0, 0)  # stacked planes
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(5, 3, 8, 8)).astype(np.float32)
+    dy = rng.normal(size=(5, 3, 4, 4)).astype(np.float32)
+    parts = even_slices(5, 2)
+    size = np.full((4, 4), 4.0, np.float32)
+
+    def both(run: Any, *outs: np.ndarray) -> list[np.ndarray]:
+        whole = [np.full_like(a, -7) for a in outs]
+        run(*whole, claim=None)
+        shared = [np.full_like(a, -7) for a in outs]
+        work = kernels.work_counter(parts)
+        run(*shared, claim=work)
+        again = [np.full_like(a, -7) for a in outs]
+        run(*again, claim=work)
+        assert all((a == -7).all() for a in again)  # nothing left for the second call
+        for a, b in zip(whole, shared, strict=True):
+            assert a.tobytes() == b.tobytes()
+        return whole
+
+    if kind == "max":
+        _, arg = both(lambda b, a, claim: kernels.max_pool(x, b, a, geometry, claim=claim),
+                      np.empty_like(dy), np.empty(dy.shape, np.int32))
+        both(lambda d, claim: kernels.max_pool_backward(dy, arg, d, geometry, claim=claim),
+             np.empty_like(x))
+    else:
+        both(lambda y, claim: kernels.ave_pool(x, y, size, geometry, claim=claim),
+             np.empty_like(dy))
+        both(lambda d, claim: kernels.ave_pool_backward(dy, d, size, geometry, claim=claim),
+             np.empty_like(x))
 
 
 @kernels_available

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, TypeVar
 
@@ -135,6 +135,24 @@ class Backend(ABC):
         n, c, p = images.shape
         out.reshape(n, p, c)[...] = images.transpose(0, 2, 1)
 
+    # -- work shared by concurrent calls -----------------------------------------------------------
+    # The calls that take a ``claim`` (a work_counter) run on every worker at once with the same
+    # one: each works through a part of the images of its own and then takes images left in the
+    # others' parts, so a worker that started later or runs slower does fewer instead of the
+    # others waiting for it at the end of the layer. Results depend on no worker's share: an
+    # image's values are made the same way whoever makes them, and sums over images are kept
+    # per part (fixed by the caller) and added in part order.
+    def shares_work(self, array: Any) -> bool:
+        """Whether the calls that take a ``claim`` accept one for arrays like ``array`` (the
+        largest they are given), on more than one worker."""
+        return False
+
+    def work_counter(self, parts: list[slice]) -> Any:
+        """The ``claim`` for one piece of shared work cut into ``parts`` (consecutive slices of
+        the items): each call owns one part and takes items from others' when its own has
+        none left (shares_work backends only)."""
+        raise NotImplementedError(f"the {self.name} backend does not share work between calls")
+
     # -- a convolution's forward: columns, GEMM and layout change in one call --------------------
     def fuses_conv(self, dtype: Any) -> bool:
         """Whether conv_forward_* make the columns a block of images at a time."""
@@ -242,11 +260,13 @@ class Backend(ABC):
         return out
 
     def conv_forward_shifted(self, x: Any, w: Any, bias: Any, y: Any, cols: Any,
-                             geometry: tuple[int, ...]) -> None:
+                             geometry: tuple[int, ...], claim: Any = None) -> None:
         """y (N, O, P) = Σᵢ W's kernel row i (O, C·kw) · window i of the row-shift columns of
         x[n] (entries i·dh·ow to i·dh·ow + P) (+ ``bias``), for W (O, C, kh, kw) and a stride
         of 1 in height. ``cols`` (N, C·kw, rows·ow) is left holding every image's columns; a
-        smaller one is scratch."""
+        smaller one is scratch. With ``claim``, only the images this call takes from it."""
+        if claim is not None:
+            self.work_counter([])  # raises: no shared work here
         n, p = x.shape[0], y.shape[2]
         kh, step = geometry[0], self._shift_step(x, geometry)
         wk = self._by_kernel_row(w)
@@ -258,13 +278,19 @@ class Backend(ABC):
             y += bias.reshape(1, -1, 1)
 
     def conv_backward_shifted(self, x: Any, dy: Any, w: Any, dw: Any, db: Any, dx: Any,
-                              cols: Any, geometry: tuple[int, ...], recompute: bool) -> None:
+                              cols: Any, geometry: tuple[int, ...], recompute: bool,
+                              chunks: Sequence[slice] | None = None, claim: Any = None,
+                              scratch: Any = None) -> None:
         """For dy (N, O, P) and W (O, C, kh, kw): dw (O, C, kh, kw) with kernel row i (as O,
         C·kw) = Σₙ dyₙ · (window i of colsₙ)ᵀ, db (unless None) = Σ dy per channel and,
         unless dx is None, dx = the adjoint of the columns of Σᵢ (W's row i)ᵀ · dyₙ placed at
         window i. ``cols`` holds the row-shift columns of x kept from forward (used up when
         dx is made), or with ``recompute`` is a buffer to make them in again, which may hold
-        one image's."""
+        one image's. Shared work (``claim``): dw (len(chunks), O, C, kh, kw) and db
+        (len(chunks), O) hold each chunk's sums, made by the call that took the chunk; dx is
+        made for the images taken; ``scratch`` holds one image's columns."""
+        if claim is not None:
+            self.work_counter([])  # raises: no shared work here
         n, p = dy.shape[0], dy.shape[2]
         kh, step = geometry[0], self._shift_step(x, geometry)
         wk = self._by_kernel_row(w)

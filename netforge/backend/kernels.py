@@ -376,18 +376,27 @@ def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
 
     @njit(nogil=True, cache=True)
     def kernel(x: Any, best: Any, arg: Any, y_lo: int, y_hi: int, x_lo: int,
-               x_hi: int, overhang: bool, flags: Any, post: int) -> None:
+               x_hi: int, overhang: bool, claim: Any, flags: Any,
+               post: int) -> None:
         _start_helpers(flags, post)
-        n_img, c_in, h, w = x.shape
+        c_in, h, w = x.shape[1:]
         oh, ow = best.shape[2], best.shape[3]
         if overhang:  # see _padded_plane
             scratch = np.full(((oh - 1) * sh + kh, (ow - 1) * sw + kw), -np.inf, x.dtype)
-            for n in range(n_img):
+            own = _claim_part(claim)
+            while True:
+                n = _next_item(claim, own)
+                if n < 0:
+                    break
                 for c in range(c_in):
                     block(_padded_plane(x[n, c], scratch, 0, 0), best[n, c],
                           arg[n, c] if with_arg else arg[0, 0], oh, ow)
             return
-        for n in range(n_img):
+        own = _claim_part(claim)
+        while True:
+            n = _next_item(claim, own)
+            if n < 0:
+                break
             for c in range(c_in):
                 p = x[n, c]
                 if ph == 0 and pw == 0:
@@ -432,17 +441,26 @@ def _make_ave_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
                 o[xx] = window(p, y * sh, xx * sw) / sz[xx]
 
     @njit(nogil=True, cache=True)
-    def kernel(x: Any, out: Any, size: Any, padded: bool, flags: Any, post: int) -> None:
+    def kernel(x: Any, out: Any, size: Any, padded: bool, claim: Any, flags: Any,
+               post: int) -> None:
         _start_helpers(flags, post)
-        n_img, c_in = x.shape[:2]
+        c_in = x.shape[1]
         oh, ow = out.shape[2], out.shape[3]
         if padded:  # see _padded_plane
             scratch = np.zeros(((oh - 1) * sh + kh, (ow - 1) * sw + kw), x.dtype)
-            for n in range(n_img):
+            own = _claim_part(claim)
+            while True:
+                n = _next_item(claim, own)
+                if n < 0:
+                    break
                 for c in range(c_in):
                     block(_padded_plane(x[n, c], scratch, ph, pw), out[n, c], size)
             return
-        for n in range(n_img):  # no padding, no window past the edge
+        own = _claim_part(claim)
+        while True:  # no padding, no window past the edge
+            n = _next_item(claim, own)
+            if n < 0:
+                break
             for c in range(c_in):
                 block(x[n, c], out[n, c], size)
 
@@ -451,11 +469,15 @@ def _make_ave_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
 
 def _make_max_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
     @njit(nogil=True, cache=True)
-    def kernel(dy: Any, arg: Any, dx: Any, flags: Any, post: int) -> None:
+    def kernel(dy: Any, arg: Any, dx: Any, claim: Any, flags: Any, post: int) -> None:
         _start_helpers(flags, post)
-        n_img, c_in = dx.shape[0], dx.shape[1]
+        c_in = dx.shape[1]
         oh, ow = dy.shape[2], dy.shape[3]
-        for n in range(n_img):
+        own = _claim_part(claim)
+        while True:
+            n = _next_item(claim, own)
+            if n < 0:
+                break
             for c in range(c_in):
                 d = dx[n, c]
                 d[:, :] = 0.0
@@ -481,14 +503,19 @@ def _make_ave_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
                         d[y * sh + i, xx * sw + j] += g
 
     @njit(nogil=True, cache=True)
-    def kernel(dy: Any, dx: Any, size: Any, padded: bool, flags: Any, post: int) -> None:
+    def kernel(dy: Any, dx: Any, size: Any, padded: bool, claim: Any, flags: Any,
+               post: int) -> None:
         _start_helpers(flags, post)
-        n_img, c_in, h, w = dx.shape
+        c_in, h, w = dx.shape[1:]
         oh, ow = dy.shape[2], dy.shape[3]
         if padded:  # the same sums in the same order, into a plane with room for every window
             scratch = np.empty(((oh - 1) * sh + kh, (ow - 1) * sw + kw), dx.dtype)
             rows, cols = min(h, scratch.shape[0] - ph), min(w, scratch.shape[1] - pw)
-            for n in range(n_img):
+            own = _claim_part(claim)
+            while True:
+                n = _next_item(claim, own)
+                if n < 0:
+                    break
                 for c in range(c_in):
                     scratch[:, :] = 0.0
                     spread(scratch, dy[n, c], size)
@@ -502,7 +529,11 @@ def _make_ave_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
                     for y in range(rows, h):
                         d[y, :] = 0.0
             return
-        for n in range(n_img):  # no padding, no window past the edge
+        own = _claim_part(claim)
+        while True:  # no padding, no window past the edge
+            n = _next_item(claim, own)
+            if n < 0:
+                break
             for c in range(c_in):
                 d = dx[n, c]
                 d[:, :] = 0.0
@@ -565,6 +596,24 @@ def images_to_rows(images: np.ndarray, out: np.ndarray) -> None:
 # values as the unfused path (columns, then C = cols · W with beta 0, then the bias added): per
 # image the same bits; OpenBLAS may round a GEMM over a block's rows differently in the last
 # bit from one over the whole part's.
+
+# Work shared by concurrent calls (Backend.shares_work): the items (images) are cut into parts
+# and each call owns the next part not yet handed out, taking its items from the front; a call
+# whose part has none left takes items from the back of another's, so a worker that started late
+# or runs slower does fewer while each works mostly on its own part's data. A work array (int64,
+# fields a cache line apart) holds CLAIMS, the count of parts handed out; PARTS, their number;
+# and from RANGES on, each part's (first item left << 32 | end), changed by compare-and-swap.
+CLAIMS, PARTS, RANGES = 0, 8, 16
+
+
+def work_counter(parts: list[slice]) -> np.ndarray:
+    """The work array for ``parts`` (slices of at most 2³¹ items), none taken yet."""
+    work = np.zeros(RANGES + 8 * len(parts), np.int64)
+    work[PARTS] = len(parts)
+    for k, part in enumerate(parts):
+        work[RANGES + 8 * k] = (part.start << 32) | part.stop
+    return work
+
 
 # (flags, n): a fused kernel stores n in flags[0] as it starts, without the GIL, when n > 0
 # (BatchPool.take_post: the caller's kernel starting the other workers of a deferred job)
@@ -819,14 +868,18 @@ def _make_conv_shifted(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh:
 
     @njit(nogil=True, cache=True)
     def kernel(gemm: Any, x: Any, w: Any, bias: Any, with_bias: bool, y: Any, cols: Any,
-               oh: int, ow: int, flags: Any, post: int) -> None:
+               oh: int, ow: int, claim: Any, flags: Any, post: int) -> None:
         _start_helpers(flags, post)
         wk = _rows_by_kernel_row(w)
         n_img = x.shape[0]
         o_n, ck = wk.shape[1], wk.shape[2]
         p, width = oh * ow, cols.shape[2]
         one, zero = wk.dtype.type(1.0), wk.dtype.type(0.0)
-        for n in range(n_img):
+        own = _claim_part(claim)
+        while True:
+            n = _next_item(claim, own)
+            if n < 0:
+                break
             col = cols[n:n + 1] if cols.shape[0] == n_img else cols[0:1]
             im2col(x[n:n + 1], col, ow)
             out = y[n]
@@ -843,22 +896,41 @@ def _make_conv_shifted(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh:
     return kernel
 
 
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _column_gradient(gemm: Any, wk: Any, d: Any, cols: Any, step: int, p: int) -> None:
+        """cols (1, C·kw, rows·ow) = Σᵢ wk[i]ᵀ · d placed at window i (i·step bytes on), the
+        rest 0: one image's row-shift column gradient for its top gradient d (O, P)."""
+        kh, o_n, ck = wk.shape
+        width = cols.shape[2]
+        one = wk.dtype.type(1.0)
+        for r in range(ck):
+            line = cols[0, r]
+            for q in range(width):
+                line[q] = 0.0
+        for i in range(kh):
+            gemm(ROW_MAJOR, TRANS, NO_TRANS, ck, p, o_n, one, wk[i].ctypes.data, ck,
+                 d.ctypes.data, p, one, cols.ctypes.data + i * step, width)
+
+
 def _make_conv_shifted_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
                                 dw: int) -> Any:
-    """Per image: dW's kernel row i (C·kw, O) += window i of cols[n] · dy[n]ᵀ, the columns
-    kept from forward or made again here, then dw (O, C, kh, kw) in the blob's order; with
-    ``down``, the column gradient Σᵢ wk[i]ᵀ · dy[n] added into window i of a zeroed cols[n],
-    then dx[n] = its col2im; with ``with_db``, db = Σ dy per channel."""
+    """For each chunk c of images (bounds[c] to bounds[c + 1], the parts of the work array
+    ``claim``) this call owns: dW's kernel row i (C·kw, O) = Σₙ window i of cols[n] · dy[n]ᵀ
+    over the chunk, the columns kept from forward or made again here, written into dw[c] (O,
+    C, kh, kw) in the blob's order, and with ``with_db`` db[c] = Σ dy per channel; with
+    ``down``, each image's column gradient Σᵢ wk[i]ᵀ · dy[n] (at window i of the zeroed
+    ``scratch``) and dx[n] = its col2im, for the images it takes: its chunks' from the front
+    as it goes, then those left at the back of the others'."""
     geometry = (kh, kw, sh, sw, ph, pw, dh, dw)
     forward, adjoint = _kernel("im2col_shifted", geometry), _kernel("col2im_shifted", geometry)
 
     @njit(nogil=True, cache=True)
     def kernel(gemm: Any, x: Any, dy: Any, w: Any, dw: Any, db: Any, with_db: bool, dx: Any,
-               down: bool, cols: Any, recompute: bool, oh: int, ow: int, flags: Any,
-               post: int) -> None:
+               down: bool, cols: Any, recompute: bool, oh: int, ow: int, bounds: Any,
+               claim: Any, scratch: Any, flags: Any, post: int) -> None:
         _start_helpers(flags, post)
         wk = _rows_by_kernel_row(w)
-        n_img = dy.shape[0]
         o_n, ck = wk.shape[1], wk.shape[2]
         p, width = oh * ow, cols.shape[2]
         one, zero = wk.dtype.type(1.0), wk.dtype.type(0.0)
@@ -869,67 +941,94 @@ def _make_conv_shifted_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw:
         # backward 4.9 -> 4.0 ms, cifar10_quick's conv3 8.5 -> 7.2), but not with few rows
         # (cifar10_quick's conv1, C·kw = 15: 7.8 -> 10.9 ms).
         d_t = np.empty((p if ck >= 32 else 0, o_n), wk.dtype)
-        for n in range(n_img):
-            col = cols[0:1] if recompute else cols[n:n + 1]
-            if recompute:
-                forward(x[n:n + 1], col, ow)
-            d = dy[n]
-            if ck >= 32:
-                for q in range(p):
-                    line = d_t[q]
-                    for o in range(o_n):
-                        line[uintp(o)] = d[uintp(o), uintp(q)]
-            for i in range(kh):
-                if ck >= 32:
-                    gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, ck, o_n, p, one,
-                         col.ctypes.data + i * step, width, d_t.ctypes.data, o_n,
-                         zero if n == 0 else one, acc[i].ctypes.data, o_n)
-                else:
-                    gemm(ROW_MAJOR, NO_TRANS, TRANS, ck, o_n, p, one, col.ctypes.data + i * step,
-                         width, d.ctypes.data, p, zero if n == 0 else one, acc[i].ctypes.data,
-                         o_n)
-            if down:  # the image's columns are used up: they take the column gradient
-                for r in range(ck):
-                    line = col[0, r]
-                    for q in range(width):
-                        line[q] = 0.0
-                for i in range(kh):
-                    gemm(ROW_MAJOR, TRANS, NO_TRANS, ck, p, o_n, one, wk[i].ctypes.data, ck,
-                         d.ctypes.data, p, one, col.ctypes.data + i * step, width)
-                adjoint(dx[n:n + 1], col, ow)
         c_in = ck // kw
-        for o in range(o_n):  # (i, (c, j), o) -> the blob's (o, c, i, j)
-            for c in range(c_in):
+        while True:
+            chunk = _claim_part(claim)
+            if chunk < 0:
+                break
+            lo, hi = bounds[chunk], bounds[chunk + 1]
+            if hi <= lo:
+                acc[...] = 0.0
+            for n in range(lo, hi):
+                col = cols[0:1] if recompute else cols[n:n + 1]
+                if recompute:
+                    forward(x[n:n + 1], col, ow)
+                d = dy[n]
+                if ck >= 32:
+                    for q in range(p):
+                        line = d_t[q]
+                        for o in range(o_n):
+                            line[uintp(o)] = d[uintp(o), uintp(q)]
                 for i in range(kh):
-                    for j in range(kw):
-                        dw[o, c, i, j] = acc[i, c * kw + j, o]
-        if with_db:
-            _channel_sums(dy, db)
+                    if ck >= 32:
+                        gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, ck, o_n, p, one,
+                             col.ctypes.data + i * step, width, d_t.ctypes.data, o_n,
+                             zero if n == lo else one, acc[i].ctypes.data, o_n)
+                    else:
+                        gemm(ROW_MAJOR, NO_TRANS, TRANS, ck, o_n, p, one,
+                             col.ctypes.data + i * step, width, d.ctypes.data, p,
+                             zero if n == lo else one, acc[i].ctypes.data, o_n)
+                # the image's bottom gradient, unless another call has taken it
+                if down and _take(claim, chunk, False) == n:
+                    _column_gradient(gemm, wk, d, scratch, step, p)
+                    adjoint(dx[n:n + 1], scratch, ow)
+            out = dw[chunk]
+            for o in range(o_n):  # (i, (c, j), o) -> the blob's (o, c, i, j)
+                for c in range(c_in):
+                    for i in range(kh):
+                        for j in range(kw):
+                            out[o, c, i, j] = acc[i, c * kw + j, o]
+            if with_db:
+                _channel_sums(dy[lo:hi], db[chunk])
+        while down:  # bottom gradients left in the other calls' chunks
+            n = _take_stolen(claim, -1)
+            if n < 0:
+                break
+            _column_gradient(gemm, wk, dy[n], scratch, step, p)
+            adjoint(dx[n:n + 1], scratch, ow)
 
     return kernel
 
 
 def conv_forward_shifted(gemm: Any, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
                          y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...], oh: int,
-                         ow: int, post: tuple[np.ndarray, int] = NO_POST) -> None:
+                         ow: int, post: tuple[np.ndarray, int] = NO_POST,
+                         claim: np.ndarray | None = None) -> None:
     """y (N, O, P) = Σᵢ W's kernel row i · (window i of the row-shift columns of x[n])
     (+ bias) per image for W (O, C, kh, kw), the columns written into ``cols`` (N, C·kw,
-    rows·ow) or (1, ...); contiguous arrays of one dtype."""
+    rows·ow) or (1, ...); contiguous arrays of one dtype. With ``claim`` (an int64 counter
+    shared by concurrent calls, 0 before the first) only the images this call takes from
+    it, one at a time."""
+    if claim is None:
+        claim = work_counter([slice(0, x.shape[0])])
     _kernel("conv_shifted", geometry)(gemm, x, w, w[0, 0, 0] if bias is None else bias,
-                                      bias is not None, y, cols, oh, ow, *post)
+                                      bias is not None, y, cols, oh, ow, claim, *post)
 
 
 def conv_backward_shifted(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
                           dw: np.ndarray, db: np.ndarray | None, dx: np.ndarray | None,
                           cols: np.ndarray, recompute: bool, geometry: tuple[int, ...],
-                          oh: int, ow: int, post: tuple[np.ndarray, int] = NO_POST) -> None:
+                          oh: int, ow: int, post: tuple[np.ndarray, int] = NO_POST,
+                          bounds: np.ndarray | None = None, claim: np.ndarray | None = None,
+                          scratch: np.ndarray | None = None) -> None:
     """dw (O, C, kh, kw): row i = Σₙ dy[n] · (window i of colsₙ)ᵀ, db (unless None) = Σ dy
     per channel and, unless ``dx`` is None, dx = the row-shift col2im of Σᵢ (W's row i)ᵀ ·
     dy[n] placed at window i; ``cols`` holds the kept columns (N, C·kw, rows·ow) or is one
-    image's scratch (``recompute``)."""
+    image's scratch (``recompute``). Work shared by concurrent calls: ``bounds`` (int64,
+    chunks + 1) splits the images into chunks whose dw[c] (chunks, O, C, kh, kw) and db[c]
+    are made separately, ``claim`` is a counter array (work_counter()) from which each call
+    takes chunks, then images for dx, and ``scratch`` holds one image's columns."""
+    if bounds is None:
+        bounds = np.array([0, dy.shape[0]], np.int64)
+        dw, db = dw[None], None if db is None else db[None]
+    if claim is None:
+        claim = work_counter([slice(0, dy.shape[0])])
+    if scratch is None:
+        scratch = np.empty((1, *cols.shape[1:]), cols.dtype)
     _kernel("conv_shifted_backward", geometry)(
-        gemm, x, dy, w, dw, w[0, 0, 0] if db is None else db, db is not None,
-        x if dx is None else dx, dx is not None, cols, recompute, oh, ow, *post)
+        gemm, x, dy, w, dw, dw[:, 0, 0, 0] if db is None else db, db is not None,
+        x if dx is None else dx, dx is not None, cols, recompute, oh, ow, bounds, claim,
+        scratch, *post)
 
 
 def conv_backward_images(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
@@ -1034,54 +1133,68 @@ def _max_overhang(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...],
 
 def _stacked(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...],
              *more: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(x, out, *more) as one plane each when the windows tile every plane's rows exactly (no
-    padding or overhang, kh ≤ sh, H = oh·sh): the planes stacked one under the other have the
-    same windows, and the kernels' loops run over N·C·oh rows instead of N·C short planes
-    (LeNet's pool2, 8×8 planes: forward 25% faster). Otherwise the arrays as they are."""
+    """(x, out, *more) with each image's planes as one when the windows tile every plane's
+    rows exactly (no padding or overhang, kh ≤ sh, H = oh·sh): the planes stacked one under the
+    other have the same windows, and the kernels' loops run over C·oh rows per image instead of
+    C short planes (LeNet's pool2, 8×8 planes: forward 25% faster). Otherwise the arrays as
+    they are."""
     kh, kw, sh, sw, ph, pw = geometry
     n, c, h, w = x.shape
     oh, ow = out.shape[2:]
     if (ph or pw or kh > sh or h != oh * sh or (ow - 1) * sw + kw > w
             or not all(a.flags.c_contiguous for a in (x, out, *more))):
         return (x, out, *more)
-    rows = (1, 1, n * c * oh, ow)
-    return x.reshape(1, 1, n * c * h, w), out.reshape(rows), *(a.reshape(rows) for a in more)
+    rows = (n, 1, c * oh, ow)
+    return x.reshape(n, 1, c * h, w), out.reshape(rows), *(a.reshape(rows) for a in more)
 
+
+def _work(claim: np.ndarray | None, n: int) -> np.ndarray:
+    """``claim``, or the work of a call that does all ``n`` images in order."""
+    return work_counter([slice(0, n)]) if claim is None else claim
+
+
+# Each pooling kernel makes the images it takes from ``claim`` (a work_counter over the images;
+# all of them in order without one).
 
 def max_pool(x: np.ndarray, best: np.ndarray, arg: np.ndarray, geometry: tuple[int, ...],
-             post: tuple[np.ndarray, int] = NO_POST) -> None:
+             post: tuple[np.ndarray, int] = NO_POST, claim: np.ndarray | None = None) -> None:
     x, best, arg = _stacked(np.ascontiguousarray(x), best, geometry, arg)
     bounds = _pool_bounds(x, best, geometry)
     _kernel("max", geometry)(x, best, arg, *bounds, _max_overhang(x, best, geometry, bounds),
-                             *post)
+                             _work(claim, x.shape[0]), *post)
 
 
 def max_pool_values(x: np.ndarray, best: np.ndarray, geometry: tuple[int, ...],
-                    post: tuple[np.ndarray, int] = NO_POST) -> None:
+                    post: tuple[np.ndarray, int] = NO_POST,
+                    claim: np.ndarray | None = None) -> None:
     x, best = _stacked(np.ascontiguousarray(x), best, geometry)
     unused = np.zeros((1, 1, 1, 1), dtype=np.int32)
     bounds = _pool_bounds(x, best, geometry)
     _kernel("max_values", geometry)(x, best, unused, *bounds,
-                                    _max_overhang(x, best, geometry, bounds), *post)
+                                    _max_overhang(x, best, geometry, bounds),
+                                    _work(claim, x.shape[0]), *post)
 
 
 def max_pool_backward(dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
-                      geometry: tuple[int, ...], post: tuple[np.ndarray, int] = NO_POST) -> None:
+                      geometry: tuple[int, ...], post: tuple[np.ndarray, int] = NO_POST,
+                      claim: np.ndarray | None = None) -> None:
     dx, dy, arg = _stacked(dx, np.ascontiguousarray(dy), geometry, arg)
-    _kernel("max_backward", geometry)(dy, arg, dx, *post)
+    _kernel("max_backward", geometry)(dy, arg, dx, _work(claim, dx.shape[0]), *post)
 
 
 def ave_pool(x: np.ndarray, out: np.ndarray, size: np.ndarray, geometry: tuple[int, ...],
-             post: tuple[np.ndarray, int] = NO_POST) -> None:
+             post: tuple[np.ndarray, int] = NO_POST, claim: np.ndarray | None = None) -> None:
     x = np.ascontiguousarray(x)
-    _kernel("ave", geometry)(x, out, size, _clipped(_pool_bounds(x, out, geometry), out), *post)
+    _kernel("ave", geometry)(x, out, size, _clipped(_pool_bounds(x, out, geometry), out),
+                             _work(claim, x.shape[0]), *post)
 
 
 def ave_pool_backward(dy: np.ndarray, dx: np.ndarray, size: np.ndarray,
-                      geometry: tuple[int, ...], post: tuple[np.ndarray, int] = NO_POST) -> None:
+                      geometry: tuple[int, ...], post: tuple[np.ndarray, int] = NO_POST,
+                      claim: np.ndarray | None = None) -> None:
     dy = np.ascontiguousarray(dy)
     _kernel("ave_backward", geometry)(dy, dx, size, _clipped(_pool_bounds(dx, dy, geometry), dy),
-                                      *post)
+                                      _work(claim, dx.shape[0]), *post)
 
 
 # -- SoftmaxWithLoss -------------------------------------------------------------------------------
@@ -1251,6 +1364,67 @@ if AVAILABLE:
             return context.get_dummy_value()
 
         return types.void(array, index, types.int64), codegen
+
+    @intrinsic
+    def _fetch_add(typingctx: Any, array: Any, index: Any) -> Any:
+        """array[index] += 1 atomically; the value before."""
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            pointer = _item_pointer(context, builder, signature.args[0], *args)
+            return builder.atomic_rmw("add", pointer, context.get_constant(types.int64, 1),
+                                      "acq_rel")
+
+        return types.int64(array, index), codegen
+
+    @intrinsic
+    def _compare_and_swap(typingctx: Any, array: Any, index: Any, expected: Any,
+                          value: Any) -> Any:
+        """array[index] = value if it holds ``expected``, atomically; whether it did."""
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            pointer = _item_pointer(context, builder, signature.args[0], args[0], args[1])
+            pair = builder.cmpxchg(pointer, args[2], args[3], "acq_rel", "acquire")
+            return builder.extract_value(pair, 1)
+
+        return types.boolean(array, index, types.int64, types.int64), codegen
+
+    @njit(nogil=True, cache=True)
+    def _take(work: Any, part: int, from_back: bool) -> int:
+        """The next item of a part of shared work (work_counter): its first left, or with
+        ``from_back`` its last left; -1 when none is."""
+        at = RANGES + 8 * part
+        while True:
+            v = _load_acquire(work, at)
+            front, back = v >> 32, v & 0xFFFFFFFF
+            if front >= back:
+                return -1
+            if from_back:
+                if _compare_and_swap(work, at, v, (front << 32) | (back - 1)):
+                    return back - 1
+            elif _compare_and_swap(work, at, v, ((front + 1) << 32) | back):
+                return front
+
+    @njit(nogil=True, cache=True)
+    def _claim_part(work: Any) -> int:
+        """The part this call owns (the next not handed out), or -1 when none is left."""
+        part = _fetch_add(work, CLAIMS)
+        return part if part < work[PARTS] else -1
+
+    @njit(nogil=True, cache=True)
+    def _take_stolen(work: Any, own: int) -> int:
+        """An item from the back of a part other than ``own`` (the last part first); -1 when
+        none has any left."""
+        for other in range(work[PARTS] - 1, -1, -1):
+            if other != own:
+                n = _take(work, other, True)
+                if n >= 0:
+                    return n
+        return -1
+
+    @njit(nogil=True, cache=True)
+    def _next_item(work: Any, own: int) -> int:
+        """The next item for the call owning part ``own`` (-1: none): its own part's front,
+        then the others' backs; -1 when none is left."""
+        n = _take(work, own, False) if own >= 0 else -1
+        return n if n >= 0 else _take_stolen(work, own)
 
     @njit(nogil=True, cache=True)
     def _report_and_wait(flags: Any, report: Any, done: Any, index: Any, value: Any,

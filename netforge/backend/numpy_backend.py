@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from netforge.backend import blas, kernels
-from netforge.backend.base import Backend, T, conv_out_size
+from netforge.backend import blas, kernels, threads
+from netforge.backend.base import Backend, T, conv_out_size, even_slices
 from netforge.backend.threads import shared_pool
 
 # The windows view (N, C, kh, kw, oh, ow) in each column layout's axis order.
@@ -163,25 +163,42 @@ class NumpyBackend(Backend):
                        lambda part: kernel(*(a[part] for a in batched), *args,
                                            post=self._pool.take_post()), deferred=True)
 
+    def _shared_images(self, kernel: Callable[..., None], batched: tuple[np.ndarray, ...],
+                       *args: Any) -> None:
+        """kernel(*arrays, *args) on every worker at once, the images shared out (see
+        Backend.shares_work; pooling writes each image's outputs whoever makes them), or on
+        the caller alone when the work is too small to split."""
+        n = batched[0].shape[0]
+        cost = max(a.size for a in batched)
+        if not threads.SHARE:
+            self._per_part(kernel, batched, *args)
+            return
+        if len(self.batch_parts(n, cost)) <= 1:
+            kernel(*batched, *args, post=self._pool.take_post())
+            return
+        work = kernels.work_counter(even_slices(n, self.workers))
+        self.parallel(lambda _, k: kernel(*batched, *args, post=self._pool.take_post(),
+                                          claim=work), self.workers, cost, deferred=True)
+
     def max_pool(self, x: np.ndarray, best: np.ndarray, arg: np.ndarray,
                  geometry: tuple[int, ...]) -> None:
-        self._per_part(kernels.max_pool, (x, best, arg), geometry)
+        self._shared_images(kernels.max_pool, (x, best, arg), geometry)
 
     def max_pool_values(self, x: np.ndarray, best: np.ndarray,
                         geometry: tuple[int, ...]) -> None:
-        self._per_part(kernels.max_pool_values, (x, best), geometry)
+        self._shared_images(kernels.max_pool_values, (x, best), geometry)
 
     def max_pool_backward(self, dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
                           geometry: tuple[int, ...]) -> None:
-        self._per_part(kernels.max_pool_backward, (dy, arg, dx), geometry)
+        self._shared_images(kernels.max_pool_backward, (dy, arg, dx), geometry)
 
     def ave_pool(self, x: np.ndarray, out: np.ndarray, size: np.ndarray,
                  geometry: tuple[int, ...]) -> None:
-        self._per_part(kernels.ave_pool, (x, out), size, geometry)
+        self._shared_images(kernels.ave_pool, (x, out), size, geometry)
 
     def ave_pool_backward(self, dy: np.ndarray, dx: np.ndarray, size: np.ndarray,
                           geometry: tuple[int, ...]) -> None:
-        self._per_part(kernels.ave_pool_backward, (dy, dx), size, geometry)
+        self._shared_images(kernels.ave_pool_backward, (dy, dx), size, geometry)
 
     def rows_to_images(self, rows: np.ndarray, bias: np.ndarray | None,
                        out: np.ndarray) -> None:
@@ -236,6 +253,13 @@ class NumpyBackend(Backend):
 
     def fuses_conv(self, dtype: Any) -> bool:
         return self.compiled and blas.gemm_for(dtype) is not None
+
+    def shares_work(self, array: np.ndarray) -> bool:
+        return (threads.SHARE and self.workers > 1 and self.use_compiled(array.size)
+                and self.fuses_conv(array.dtype))
+
+    def work_counter(self, parts: list[slice]) -> np.ndarray:
+        return kernels.work_counter(parts)
 
     def conv_block(self, n: int, image_bytes: int) -> int:
         if not self.fuses_conv(self.dtype):
@@ -303,27 +327,36 @@ class NumpyBackend(Backend):
                                    self._pool.take_post())
 
     def conv_forward_shifted(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
-                             y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...]) -> None:
+                             y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...],
+                             claim: Any = None) -> None:
         gemm = self._fused_gemm(y, x, w, bias, cols)
         if gemm is None:
             super().conv_forward_shifted(x, w, bias, y, cols, geometry)
         else:
             kernels.conv_forward_shifted(gemm, x, w, bias, y, cols, geometry,
-                                         *self._out_hw(x, geometry), self._pool.take_post())
+                                         *self._out_hw(x, geometry), self._pool.take_post(),
+                                         claim)
 
     def conv_backward_shifted(self, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
                               dw: np.ndarray, db: np.ndarray | None, dx: np.ndarray | None,
-                              cols: np.ndarray, geometry: tuple[int, ...],
-                              recompute: bool) -> None:
+                              cols: np.ndarray, geometry: tuple[int, ...], recompute: bool,
+                              chunks: Sequence[slice] | None = None, claim: Any = None,
+                              scratch: Any = None) -> None:
         gemm = self._fused_gemm(dy, x, w, dw, db, dx, cols)
         if gemm is None:
-            super().conv_backward_shifted(x, dy, w, dw, db, dx, cols, geometry, recompute)
-        elif not recompute and cols.shape[0] != dy.shape[0]:
+            super().conv_backward_shifted(x, dy, w, dw, db, dx, cols, geometry, recompute,
+                                          chunks, claim, scratch)
+            return
+        if not recompute and cols.shape[0] != dy.shape[0]:
             raise ValueError("conv_backward_shifted: kept columns for every image needed")
-        else:
-            kernels.conv_backward_shifted(gemm, x, dy, w, dw, db, dx, cols, recompute,
-                                          geometry, *self._out_hw(x, geometry),
-                                          self._pool.take_post())
+        bounds = None
+        if claim is not None:
+            if not chunks:
+                raise ValueError("conv_backward_shifted: shared work needs its chunks")
+            bounds = np.array([c.start for c in chunks] + [chunks[-1].stop], np.int64)
+        kernels.conv_backward_shifted(gemm, x, dy, w, dw, db, dx, cols, recompute, geometry,
+                                      *self._out_hw(x, geometry), self._pool.take_post(),
+                                      bounds, claim, scratch)
 
     # ReLU as one compiled pass per part of the flattened array, on every worker (NumPy's
     # expressions make temporaries and run on one core): cifar10_quick's three ReLUs (26 MB

@@ -274,6 +274,10 @@ class BatchPool:
         return job.results
 
 
+# Whether layers share out work (Backend.shares_work: each worker takes images left in the others'
+# parts once its own are done) instead of each making a fixed part (kept for in-process A/B
+# comparisons and tests).
+SHARE = True
 # Whether run(..., deferred=True) defers at all (False: every job is posted before the caller's
 # parts, as before deferred jobs existed; kept for in-process A/B comparisons and tests).
 DEFER = True
