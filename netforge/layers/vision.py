@@ -455,7 +455,6 @@ class _ConvolutionBase(Layer):
                 self.blobs[1].diff += db
 
 
-
 @register
 class Convolution(_ConvolutionBase):
     """y[n, o] = Σ_c W[o, c] ⋆ x[n, g·C/G + c] + b[o] for o in group g (cross-correlation).
@@ -478,7 +477,7 @@ class Convolution(_ConvolutionBase):
             # one part per worker in TRAIN: each part's columns have a buffer of their own,
             # kept for backward
             keep = len(parts) <= self.backend.workers and self.phase == PHASE_TRAIN
-            if layout == "shifted" and self._shares(y):
+            if layout == "shifted" and self._shares(x, y):
                 cols = self._forward_shared(x, y, i, keep)
                 if keep:
                     self._kept[i] = cols
@@ -505,24 +504,20 @@ class Convolution(_ConvolutionBase):
                 self._kept[i] = cols
 
     # -- shared work (Backend.shares_work) -------------------------------------------------------
-    # Row-shift layers run on every worker at once with one counter, each worker taking the
-    # next image from it, instead of a fixed half of the batch each: on this project's VM one
-    # core is often 10-20% slower than the other for a while, and the other then waited for it
-    # at the end of every layer (cifar10_quick's step 66 -> 60 ms, in-process A/B). Backward
-    # makes the weight and bias gradients per chunk of images (fixed here, whichever worker
-    # takes it) and adds them in chunk order, then shares out the images' bottom gradients:
-    # the results do not depend on who did what. A layer without a bottom gradient cuts its
-    # batch into more chunks, as it has nothing else to share out.
+    # Row-shift layers run on every worker at once with one work counter: each worker makes its
+    # own part's images, then takes images left at the back of the other's part, instead of
+    # only a fixed half of the batch: on this project's VM one core is at times 10-20% slower
+    # than the other, and the other then waited for it at the end of every layer
+    # (cifar10_quick's step 66 -> 60 ms in such a spell, in-process A/B). Backward makes the
+    # weight and bias gradients per chunk of images (fixed here, whichever worker owns it) and
+    # adds them in chunk order, and shares out the images' bottom gradients: the results do not
+    # depend on who did what. A layer without a bottom gradient cuts its batch into more
+    # chunks, as it has no other work to share out.
     CHUNKS_PER_WORKER = 4
 
-    def _shares(self, y: Any) -> bool:
+    def _shares(self, x: Any, y: Any) -> bool:
         return (self.backend.shares_work(y)
-                and len(self.backend.batch_parts(y.shape[0], self._cost_of(y))) > 1)
-
-    def _cost_of(self, y: Any) -> int:
-        """The column elements of a whole batch, from its top (N, conv_out, oh, ow)."""
-        kh, kw = self.geom.kernel
-        return y.shape[0] * self.conv_in * kh * kw * y.shape[2] * y.shape[3]
+                and len(self.backend.batch_parts(x.shape[0], self._cost(x))) > 1)
 
     def _forward_shared(self, x: Any, y: Any, i: int, keep: bool) -> Any:
         """y = W ⋆ x + b, the images shared out; returns the kept columns (``keep``), or
@@ -568,7 +563,7 @@ class Convolution(_ConvolutionBase):
         layout = self._layout(top[0].shape[2] * top[0].shape[3], bottom[0].data.dtype)
         w = self._weights() if layout == "rows" and any(propagate_down) else None
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
-            if layout == "shifted" and self._shares(t.diff):
+            if layout == "shifted" and self._shares(b.data, t.diff):
                 # the kept columns stay as they are (the bottom gradient has scratch of its own)
                 self._backward_shared(t, b, i, propagate_down[i], kept.get(i))
                 continue
