@@ -1138,6 +1138,17 @@ def test_shifted_convolution_shares_out_images(dtype: str) -> None:
     tol = 1e-4 if dtype == "float32" else 1e-12
     np.testing.assert_allclose(dw[0] + dw[1], want_dw, rtol=tol, atol=tol)
     np.testing.assert_allclose(db[0] + db[1], want_db, rtol=tol, atol=tol)
+    # a call whose chunk another has begun taking from the back makes the chunk's weight
+    # gradient, then the bottom gradients left (here: all but the last image's)
+    work = fast.work_counter(parts)
+    last = parts[0].stop - 1
+    work[kernels.RANGES] = (parts[0].start << 32) | last  # image `last` taken by another call
+    work[kernels.PARTS] = 1
+    dw2, db2, dx2 = np.full_like(dw, np.nan), np.full_like(db, np.nan), np.full_like(x, np.nan)
+    fast.conv_backward_shifted(x, dy, weights, dw2, db2, dx2, cols, geometry, False,
+                               chunks=parts, claim=work, scratch=scratch)
+    assert dw2[0].tobytes() == dw[0].tobytes() and db2[0].tobytes() == db[0].tobytes()
+    assert dx2[:last].tobytes() == want_dx[:last].tobytes() and np.isnan(dx2[last:]).all()
     for k, part in enumerate(parts):  # each chunk's sums are its own images'
         alone = np.empty_like(weights)
         fast.conv_backward_shifted(x[part], dy[part], weights, alone, None, None,

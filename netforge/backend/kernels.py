@@ -968,8 +968,10 @@ def _make_conv_shifted_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw:
                         gemm(ROW_MAJOR, NO_TRANS, TRANS, ck, o_n, p, one,
                              col.ctypes.data + i * step, width, d.ctypes.data, p,
                              zero if n == lo else one, acc[i].ctypes.data, o_n)
-                # the image's bottom gradient, unless another call has taken it
-                if down and _take(claim, chunk, False) == n:
+                # the image's bottom gradient, unless another call has begun taking this
+                # chunk's: then this call, the one that holds them up, makes only the weight
+                # gradient, which no other call can, and leaves the rest of them to it
+                if down and _untouched(claim, chunk, hi) and _take(claim, chunk, False) == n:
                     _column_gradient(gemm, wk, d, scratch, step, p)
                     adjoint(dx[n:n + 1], scratch, ow)
             out = dw[chunk]
@@ -1401,6 +1403,12 @@ if AVAILABLE:
                     return back - 1
             elif _compare_and_swap(work, at, v, ((front + 1) << 32) | back):
                 return front
+
+    @njit(nogil=True, cache=True)
+    def _untouched(work: Any, part: int, end: int) -> bool:
+        """Whether no call has taken an item from the back of ``part`` (which ends at
+        ``end``)."""
+        return (_load_acquire(work, RANGES + 8 * part) & 0xFFFFFFFF) == end
 
     @njit(nogil=True, cache=True)
     def _claim_part(work: Any) -> int:
