@@ -769,8 +769,8 @@ def test_compiled_sgd_update_matches_numpy_bit_for_bit(decay: float) -> None:
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("slope", [0.0, 0.01])
 def test_compiled_relu_matches_numpy_bit_for_bit(dtype: str, slope: float) -> None:
-    """The compiled ReLU (parts of the flattened array on every worker) gives NumPy's bits,
-    signed zeros, infinities and NaNs included, in place and not."""
+    """The compiled ReLU (blocks of the flattened array shared out over every worker) gives
+    NumPy's bits, signed zeros, infinities and NaNs included, in place and not."""
     fast, slow = NumpyBackend(dtype), NumpyBackend(dtype, compiled=False)
     rng = np.random.default_rng(3)
     x = rng.normal(size=(3, 5, 200, 201)).astype(dtype)  # over parallel_min: split in parts
@@ -794,6 +794,24 @@ def test_compiled_relu_matches_numpy_bit_for_bit(dtype: str, slope: float) -> No
         grad = dy.copy()
         fast.relu_backward(inplace, grad, grad, slope)
         assert grad.tobytes() == dwant.tobytes()
+    # shared work, played out one call after the other: the first call makes its own blocks,
+    # then takes the second's from the back; the second finds none left
+    from netforge.backend import kernels
+    from netforge.backend.base import even_slices
+
+    flat = x.reshape(-1)
+    blocks = kernels.relu_blocks(flat.size)
+    assert blocks > 2 and flat.size % kernels.RELU_BLOCK  # a short last block
+    work = kernels.work_counter(even_slices(blocks, 2))
+    shared, second = np.full_like(flat, 7.0), np.full_like(flat, 7.0)
+    kernels.relu(flat, shared, slope, claim=work)
+    kernels.relu(flat, second, slope, claim=work)
+    assert shared.tobytes() == want.tobytes() and (second == 7.0).all()
+    with np.errstate(invalid="ignore"):
+        work = kernels.work_counter(even_slices(blocks, 2))
+        dshared = np.full_like(flat, 7.0)
+        kernels.relu_backward(flat, dy.reshape(-1), dshared, slope, claim=work)
+        assert dshared.tobytes() == dwant.tobytes()
 
 
 fused_available = pytest.mark.skipif(not NumpyBackend().fuses_conv("float32"),

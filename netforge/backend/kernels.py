@@ -1284,35 +1284,60 @@ def softmax_loss_backward(prob: np.ndarray, labels: np.ndarray, ignore: int | No
 
 if AVAILABLE:
     @njit(nogil=True, cache=True)
-    def _relu(x: Any, y: Any, slope: Any, flags: Any, post: int) -> None:
+    def _relu(x: Any, y: Any, slope: Any, block: int, claim: Any, flags: Any,
+              post: int) -> None:
         _start_helpers(flags, post)
         zero = x.dtype.type(0)
-        for i in range(x.size):
-            v = x[uintp(i)]
-            if slope:
-                y[uintp(i)] = v if v > zero else v * slope
-            else:  # max(v, 0): NaN stays NaN, -0.0 becomes +0.0
-                y[uintp(i)] = v if v > zero or v != v else zero
+        own = _claim_part(claim)
+        while True:
+            b = _next_item(claim, own)
+            if b < 0:
+                break
+            for i in range(b * block, min((b + 1) * block, x.size)):
+                v = x[uintp(i)]
+                if slope:
+                    y[uintp(i)] = v if v > zero else v * slope
+                else:  # max(v, 0): NaN stays NaN, -0.0 becomes +0.0
+                    y[uintp(i)] = v if v > zero or v != v else zero
 
     @njit(nogil=True, cache=True)
-    def _relu_backward(x: Any, dy: Any, dx: Any, slope: Any, flags: Any, post: int) -> None:
+    def _relu_backward(x: Any, dy: Any, dx: Any, slope: Any, block: int, claim: Any,
+                       flags: Any, post: int) -> None:
         _start_helpers(flags, post)
         zero = x.dtype.type(0)
-        for i in range(x.size):
-            g = dy[uintp(i)]
-            dx[uintp(i)] = g if x[uintp(i)] > zero else g * slope
+        own = _claim_part(claim)
+        while True:
+            b = _next_item(claim, own)
+            if b < 0:
+                break
+            for i in range(b * block, min((b + 1) * block, x.size)):
+                g = dy[uintp(i)]
+                dx[uintp(i)] = g if x[uintp(i)] > zero else g * slope
+
+
+# ReLU's items of shared work: blocks of this many elements (64 KB of float32)
+RELU_BLOCK = 1 << 14
+
+
+def relu_blocks(size: int) -> int:
+    """How many RELU_BLOCK items a ReLU over ``size`` elements has."""
+    return -(-size // RELU_BLOCK)
 
 
 def relu(x: np.ndarray, y: np.ndarray, slope: float,
-         post: tuple[np.ndarray, int] = NO_POST) -> None:
-    """y = x where x > 0, else slope·x, on flat contiguous arrays of one dtype."""
-    _relu(x, y, x.dtype.type(slope), *post)
+         post: tuple[np.ndarray, int] = NO_POST, claim: np.ndarray | None = None) -> None:
+    """y = x where x > 0, else slope·x, on flat contiguous arrays of one dtype (with
+    ``claim``, a work_counter over relu_blocks(x.size), the blocks this call takes)."""
+    _relu(x, y, x.dtype.type(slope), RELU_BLOCK, _work(claim, relu_blocks(x.size)), *post)
 
 
 def relu_backward(x: np.ndarray, dy: np.ndarray, dx: np.ndarray, slope: float,
-                  post: tuple[np.ndarray, int] = NO_POST) -> None:
-    """dx = dy where x > 0, else slope·dy, on flat contiguous arrays of one dtype."""
-    _relu_backward(x, dy, dx, x.dtype.type(slope), *post)
+                  post: tuple[np.ndarray, int] = NO_POST,
+                  claim: np.ndarray | None = None) -> None:
+    """dx = dy where x > 0, else slope·dy, on flat contiguous arrays of one dtype (``claim``
+    as relu's)."""
+    _relu_backward(x, dy, dx, x.dtype.type(slope), RELU_BLOCK,
+                   _work(claim, relu_blocks(x.size)), *post)
 
 
 # -- the solver's update ----------------------------------------------------------------------
