@@ -4,7 +4,8 @@ These are the loops NumPy cannot express without copies: im2col/col2im into and 
 (N·oh·ow, C·kh·kw) row layout (entries in Caffe's (c, i, j) order or in (i, j, c) order) and
 Caffe's per-image (N, C·kh·kw, oh·ow) layout, max/average pooling, ReLU, and the SGD update in
 one pass. Each kernel is single-threaded and releases the GIL; the backend runs them on parts
-of the batch on every core (threads.py). Each has a pure-NumPy twin (numpy_backend.py, the
+of the batch on every core (threads.py), or on every core at once with a shared work array
+from which each takes its items (work_counter). Each has a pure-NumPy twin (numpy_backend.py, the
 Pooling layer, Backend.relu, Backend.sgd_update) that the tests compare it with.
 Install with ``pip install netforge[fast]``; set NETFORGE_NUMBA=0 to turn them off.
 """

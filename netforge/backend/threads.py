@@ -12,6 +12,12 @@ The parts are assigned to workers statically (part k runs on worker k mod W, wor
 calling thread), so a layer can keep one scratch buffer per worker, and reductions over parts
 (weight gradients) are summed in part order: a run is repeatable for a given worker count.
 
+With numba, the row-shift convolutions, pooling and ReLU go further: every worker runs the
+same call with one work array and takes items (images, blocks) left in the others' parts once
+its own are done (kernels.work_counter, Backend.shares_work), so a worker that starts late or
+runs on a slower core does less instead of the others waiting for it; sums over images are
+still made per fixed part and added in part order.
+
 OpenBLAS's per-thread thread count (``openblas_set_num_threads_local``, OpenBLAS ≥ 0.3.27) is
 what makes this safe; where it cannot be found (another BLAS), one worker is used and the
 layers run as before. ``NETFORGE_THREADS`` sets the worker count (default: the cores this
