@@ -163,42 +163,40 @@ class NumpyBackend(Backend):
                        lambda part: kernel(*(a[part] for a in batched), *args,
                                            post=self._pool.take_post()), deferred=True)
 
-    def _shared_images(self, kernel: Callable[..., None], batched: tuple[np.ndarray, ...],
-                       *args: Any) -> None:
-        """kernel(*arrays, *args) on every worker at once, the images shared out (see
-        Backend.shares_work; pooling writes each image's outputs whoever makes them), or on
+    def _shared(self, kernel: Callable[..., None], arrays: tuple[np.ndarray, ...], items: int,
+                *args: Any) -> None:
+        """kernel(*arrays, *args) on every worker at once, sharing out its ``items`` (images;
+        ReLU's blocks) through a work_counter (see Backend.shares_work: each item's outputs are
+        the same whoever makes them); in fixed parts of the arrays without shared work, and on
         the caller alone when the work is too small to split."""
-        n = batched[0].shape[0]
-        cost = max(a.size for a in batched)
-        if not threads.SHARE:
-            self._per_part(kernel, batched, *args)
+        cost = max(a.size for a in arrays)
+        if not threads.SHARE or len(self.batch_parts(items, cost)) <= 1:
+            self._per_part(kernel, arrays, *args)
             return
-        if len(self.batch_parts(n, cost)) <= 1:
-            kernel(*batched, *args, post=self._pool.take_post())
-            return
-        work = kernels.work_counter(even_slices(n, self.workers))
-        self.parallel(lambda _, k: kernel(*batched, *args, post=self._pool.take_post(),
+        work = kernels.work_counter(even_slices(items, self.workers))
+        self.parallel(lambda _, k: kernel(*arrays, *args, post=self._pool.take_post(),
                                           claim=work), self.workers, cost, deferred=True)
 
     def max_pool(self, x: np.ndarray, best: np.ndarray, arg: np.ndarray,
                  geometry: tuple[int, ...]) -> None:
-        self._shared_images(kernels.max_pool, (x, best, arg), geometry)
+        self._shared(kernels.max_pool, (x, best, arg), x.shape[0], geometry)
 
     def max_pool_values(self, x: np.ndarray, best: np.ndarray,
                         geometry: tuple[int, ...]) -> None:
-        self._shared_images(kernels.max_pool_values, (x, best), geometry)
+        self._shared(kernels.max_pool_values, (x, best), x.shape[0], geometry)
 
     def max_pool_backward(self, dy: np.ndarray, arg: np.ndarray, dx: np.ndarray,
                           geometry: tuple[int, ...]) -> None:
-        self._shared_images(kernels.max_pool_backward, (dy, arg, dx), geometry)
+        self._shared(kernels.max_pool_backward, (dy, arg, dx), dx.shape[0], geometry)
 
     def ave_pool(self, x: np.ndarray, out: np.ndarray, size: np.ndarray,
                  geometry: tuple[int, ...]) -> None:
-        self._shared_images(kernels.ave_pool, (x, out), size, geometry)
+        self._shared(kernels.ave_pool, (x, out), x.shape[0], size, geometry)
 
     def ave_pool_backward(self, dy: np.ndarray, dx: np.ndarray, size: np.ndarray,
                           geometry: tuple[int, ...]) -> None:
-        self._shared_images(kernels.ave_pool_backward, (dy, dx), size, geometry)
+        self._shared(kernels.ave_pool_backward, (dy, dx), dx.shape[0], size,
+                     geometry)
 
     def rows_to_images(self, rows: np.ndarray, bias: np.ndarray | None,
                        out: np.ndarray) -> None:
@@ -363,30 +361,18 @@ class NumpyBackend(Backend):
     # of activations and gradients a step) took ~5.7 ms less a step in an in-process A/B.
     def relu(self, x: np.ndarray, y: np.ndarray, slope: float) -> None:
         if self.use_compiled(x.size) and _contiguous(x, y):
-            self._shared_blocks(kernels.relu, (x.reshape(-1), y.reshape(-1)), slope)
+            self._shared(kernels.relu, (x.reshape(-1), y.reshape(-1)),
+                         kernels.relu_blocks(x.size), slope)
         else:
             super().relu(x, y, slope)
 
     def relu_backward(self, x: np.ndarray, dy: np.ndarray, dx: np.ndarray,
                       slope: float) -> None:
         if self.use_compiled(x.size) and _contiguous(x, dy, dx):
-            self._shared_blocks(kernels.relu_backward,
-                                (x.reshape(-1), dy.reshape(-1), dx.reshape(-1)), slope)
+            self._shared(kernels.relu_backward, (x.reshape(-1), dy.reshape(-1), dx.reshape(-1)),
+                         kernels.relu_blocks(x.size), slope)
         else:
             super().relu_backward(x, dy, dx, slope)
-
-    def _shared_blocks(self, kernel: Callable[..., None], flat: tuple[np.ndarray, ...],
-                       *args: Any) -> None:
-        """An elementwise kernel on flat arrays over every worker, its blocks of
-        kernels.RELU_BLOCK elements shared out; in parts of the elements without shared
-        work."""
-        size = flat[0].size
-        if not threads.SHARE or len(self.batch_parts(size, size)) <= 1:
-            self._per_part(kernel, flat, *args)
-            return
-        work = kernels.work_counter(even_slices(kernels.relu_blocks(size), self.workers))
-        self.parallel(lambda _, k: kernel(*flat, *args, post=self._pool.take_post(),
-                                          claim=work), self.workers, size, deferred=True)
 
     def softmax_loss(self, x: np.ndarray, labels: np.ndarray, ignore: int | None,
                      prob: np.ndarray, floor: float) -> tuple[float, int, float | None]:
