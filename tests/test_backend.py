@@ -1174,6 +1174,23 @@ def test_shifted_convolution_shares_out_images(dtype: str) -> None:
         assert alone.tobytes() == dw[k].tobytes()
 
 
+def test_a_backend_without_shared_work_refuses_a_claim() -> None:
+    """The NumPy steps make every image in each call: a claim given to them (a caller that did
+    not ask shares_work) is refused, not made twice over."""
+    slow = NumpyBackend("float64", compiled=False, workers=2)
+    assert not slow.shares_work(np.zeros((4, 3, 9, 9)))
+    geometry = (3, 3, 1, 1, 1, 1, 1, 1)
+    x, w = np.zeros((2, 3, 9, 9)), np.zeros((4, 3, 3, 3))
+    cols, y = np.zeros((2, 9, 11 * 9)), np.zeros((2, 4, 81))
+    with pytest.raises(ValueError, match="work_counter: the numpy backend does not share"):
+        slow.work_counter([slice(0, 2)])
+    with pytest.raises(ValueError, match="conv_forward_shifted: the numpy backend"):
+        slow.conv_forward_shifted(x, w, None, y, cols, geometry, claim=np.zeros(24, np.int64))
+    with pytest.raises(ValueError, match="conv_backward_shifted: the numpy backend"):
+        slow.conv_backward_shifted(x, y, w, np.zeros_like(w), None, None, cols, geometry, False,
+                                   claim=np.zeros(24, np.int64))
+
+
 @kernels_available
 @pytest.mark.parametrize("kind", ["max", "ave"])
 def test_pooling_shares_out_images(kind: str) -> None:

@@ -150,8 +150,14 @@ class Backend(ABC):
     def work_counter(self, parts: list[slice]) -> Any:
         """The ``claim`` for one piece of shared work cut into ``parts`` (consecutive slices of
         the items): each call owns one part and takes items from others' when its own has
-        none left (shares_work backends only)."""
-        raise NotImplementedError(f"the {self.name} backend does not share work between calls")
+        none left. Only a backend whose shares_work is true makes one; this one refuses."""
+        self._refuse_claim("work_counter")
+
+    def _refuse_claim(self, call: str) -> None:
+        """Shared work asked of a backend without it: the caller skipped shares_work (this
+        backend's calls each make every item, so two of them would make them all twice)."""
+        raise ValueError(f"{call}: the {self.name} backend does not share work between "
+                         "calls here (ask Backend.shares_work first)")
 
     # -- a convolution's forward: columns, GEMM and layout change in one call --------------------
     def fuses_conv(self, dtype: Any) -> bool:
@@ -266,7 +272,7 @@ class Backend(ABC):
         of 1 in height. ``cols`` (N, C·kw, rows·ow) is left holding every image's columns; a
         smaller one is scratch. With ``claim``, only the images this call takes from it."""
         if claim is not None:
-            self.work_counter([])  # raises: no shared work here
+            self._refuse_claim("conv_forward_shifted")
         n, p = x.shape[0], y.shape[2]
         kh, step = geometry[0], self._shift_step(x, geometry)
         wk = self._by_kernel_row(w)
@@ -290,7 +296,7 @@ class Backend(ABC):
         (len(chunks), O) hold each chunk's sums, made by the call that took the chunk; dx is
         made for the images taken; ``scratch`` holds one image's columns."""
         if claim is not None:
-            self.work_counter([])  # raises: no shared work here
+            self._refuse_claim("conv_backward_shifted")
         n, p = dy.shape[0], dy.shape[2]
         kh, step = geometry[0], self._shift_step(x, geometry)
         wk = self._by_kernel_row(w)

@@ -257,6 +257,8 @@ class NumpyBackend(Backend):
                 and self.fuses_conv(array.dtype))
 
     def work_counter(self, parts: list[slice]) -> np.ndarray:
+        if not self.compiled:  # the NumPy steps make every item in each call
+            self._refuse_claim("work_counter")
         return kernels.work_counter(parts)
 
     def conv_block(self, n: int, image_bytes: int) -> int:
@@ -329,7 +331,7 @@ class NumpyBackend(Backend):
                              claim: Any = None) -> None:
         gemm = self._fused_gemm(y, x, w, bias, cols)
         if gemm is None:
-            super().conv_forward_shifted(x, w, bias, y, cols, geometry)
+            super().conv_forward_shifted(x, w, bias, y, cols, geometry, claim)
         else:
             kernels.conv_forward_shifted(gemm, x, w, bias, y, cols, geometry,
                                          *self._out_hw(x, geometry), self._pool.take_post(),
