@@ -352,6 +352,8 @@ class Net:
             self._append_params(layer, lp, o)
         self._info("Memory required for data: %d", memory * self.backend.dtype.itemsize)
         self._need_backward(param.force_backward)
+        self._pooling_after = self._pooling_pairs()
+        self._pooled_by = {j: i for i, j in self._pooling_after.items()}
         self.outputs = sorted(unused)
         for name in self.outputs:
             self._info("This network produces output %s", name)
@@ -487,6 +489,44 @@ class Net:
             self._info("%s %s backward computation.", name,
                        "needs" if self.layer_need_backward[i] else "does not need")
 
+    # A Convolution whose top only the next layer reads, a MAX Pooling, may make that layer's
+    # forward and backward inside its own, image by image (Convolution.forward_pooled; where
+    # the backend or the layers cannot, each runs its own as before). Only the Net's full
+    # passes do this: a forward that ends at the convolution or starts at the pooling runs
+    # them apart, and so do layers whose passes were wrapped (_unwrapped).
+    FUSE_POOLING = True
+
+    def _pooling_pairs(self) -> dict[int, int]:
+        """Convolution index -> the index of the Pooling layer it may run inside its own."""
+        from netforge.layers.vision import Convolution, Pooling
+
+        readers: dict[int, int] = {}
+        for bottoms in self.bottom_vecs:
+            for b in bottoms:
+                readers[id(b)] = readers.get(id(b), 0) + 1
+        pairs = {}
+        for i in range(len(self.layers) - 1):
+            conv, pool, j = self.layers[i], self.layers[i + 1], i + 1
+            if not (type(conv) is Convolution and type(pool) is Pooling
+                    and len(self.bottom_vecs[i]) == len(self.top_vecs[i]) == 1
+                    and len(self.top_vecs[j]) == 1):
+                continue
+            blob = self.top_vecs[i][0]
+            if (self.bottom_vecs[j][0] is not blob or self.top_vecs[j][0] is blob
+                    or readers[id(blob)] != 1 or self.loss_weights[i][0] or self.loss_weights[j][0]
+                    or self.layer_need_backward[i] != self.layer_need_backward[j]
+                    or (self.layer_need_backward[j] and not self.bottom_need_backward[j][0])):
+                continue
+            pairs[i] = j
+        return pairs
+
+    def _unwrapped(self, *indices: int) -> bool:
+        """Whether these layers' forward and backward are their classes' own: a layer whose
+        passes were wrapped on the instance (debug_info's logging, a user's hook) expects
+        them called, so it runs apart."""
+        return not any("forward" in vars(self.layers[i]) or "backward" in vars(self.layers[i])
+                       for i in indices)
+
     # -- running ----------------------------------------------------------------------------------
     @property
     def params(self) -> OrderedDict[str, list[Blob]]:
@@ -506,24 +546,36 @@ class Net:
             self.blobs[name].reshape(arr.shape)
             self.blobs[name].data[...] = arr
         end = len(self.layers) - 1 if end is None else end
-        loss = 0.0
-        shaped = self._shaped
+        loss, pooled = 0.0, -1
+        pairs = self._pooling_after if self.FUSE_POOLING else {}
         with self.backend.running():
             for i in range(start, end + 1):
+                if i == pooled:  # its forward ran inside the convolution's
+                    continue
                 layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
-                # Caffe reshapes every layer before every forward. A layer whose reshape
-                # depends only on shapes is skipped while its bottoms and tops keep the shapes
-                # its last reshape saw (LeNet: ~0.1 ms a step of Python).
-                shapes = [b.data.shape for b in bottom] + [t.data.shape for t in top]
-                if shapes != shaped[i] or layer.reshape_each_forward or not bottom:
-                    layer.reshape(bottom, top)
-                    shaped[i] = [b.data.shape for b in bottom] + [t.data.shape for t in top]
+                self._reshape(i)
+                j = pairs.get(i, end + 1)
+                if j <= end and self._unwrapped(i, j):
+                    self._reshape(j)
+                    if layer.forward_pooled(bottom, top, self.layers[j], self.top_vecs[j]):
+                        pooled = j
+                        continue
                 layer.forward(bottom, top)
                 for t, w in zip(top, self.loss_weights[i], strict=True):
                     if w:
                         loss += w * float(t.data.sum())
         self.loss = loss
         return {name: self.blobs[name].data for name in self.outputs}
+
+    def _reshape(self, i: int) -> None:
+        """Caffe reshapes every layer before every forward. A layer whose reshape depends only
+        on shapes is skipped while its bottoms and tops keep the shapes its last reshape saw
+        (LeNet: ~0.1 ms a step of Python)."""
+        layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
+        shapes = [b.data.shape for b in bottom] + [t.data.shape for t in top]
+        if shapes != self._shaped[i] or layer.reshape_each_forward or not bottom:
+            layer.reshape(bottom, top)
+            self._shaped[i] = [b.data.shape for b in bottom] + [t.data.shape for t in top]
 
     def backward_prepare(self) -> None:
         """Seed the loss tops' diffs with their loss weights (Caffe's SetLossWeights)."""
@@ -534,11 +586,21 @@ class Net:
 
     def backward(self) -> None:
         self.backward_prepare()
+        need, pairs = self.layer_need_backward, self._pooling_after if self.FUSE_POOLING else {}
         with self.backend.running():
             for i in reversed(range(len(self.layers))):
-                if self.layer_need_backward[i]:
-                    self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i],
-                                            self.bottom_vecs[i])
+                if not need[i] or (self.FUSE_POOLING and i in self._pooled_by):
+                    continue  # a pooling's backward waits for its convolution's (below)
+                layer, top, bottom = self.layers[i], self.top_vecs[i], self.bottom_vecs[i]
+                j = pairs.get(i)
+                if j is not None and need[j]:
+                    if self._unwrapped(i, j) and layer.backward_pooled(
+                            top, self.bottom_need_backward[i], bottom, self.layers[j],
+                            self.top_vecs[j]):
+                        continue
+                    self.layers[j].backward(self.top_vecs[j], self.bottom_need_backward[j],
+                                            self.bottom_vecs[j])
+                layer.backward(top, self.bottom_need_backward[i], bottom)
 
     def forward_backward(self) -> float:
         self.forward()

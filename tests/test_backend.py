@@ -241,12 +241,13 @@ def test_pooling_padded_planes_give_the_clipped_windows_bits(
         return
     results = []
     for overhang in (True, False):
+        scratch = np.full((ext_h, ext_w) if overhang else (1, 1), -np.inf, dtype)
         best, arg = np.full(dy.shape, 5.0, dtype), np.full(dy.shape, 9, np.int32)
-        kernels._kernel("max", geometry)(x, best, arg, *bounds, overhang,
+        kernels._kernel("max", geometry)(x, best, arg, *bounds, overhang, scratch,
                                          kernels.work_counter([slice(0, n)]), *kernels.NO_POST)
         values = np.full(dy.shape, 6.0, dtype)
         kernels._kernel("max_values", geometry)(x, values, arg[:1, :1, :1], *bounds, overhang,
-                                                kernels.work_counter([slice(0, n)]),
+                                                scratch, kernels.work_counter([slice(0, n)]),
                                                 *kernels.NO_POST)
         results.append((best, arg, values))
     for a, b in zip(*results, strict=True):
@@ -1189,6 +1190,96 @@ def test_a_backend_without_shared_work_refuses_a_claim() -> None:
     with pytest.raises(ValueError, match="conv_backward_shifted: the numpy backend"):
         slow.conv_backward_shifted(x, y, w, np.zeros_like(w), None, None, cols, geometry, False,
                                    claim=np.zeros(24, np.int64))
+    # nor does it pool inside a convolution
+    assert not slow.fuses_pooling(y)
+    pool = ((2, 2, 2, 2, 0, 0), np.zeros((2, 4, 5, 5)), None)
+    with pytest.raises(ValueError, match="conv_forward_shifted: the numpy backend does not "
+                                         "pool inside a convolution"):
+        slow.conv_forward_shifted(x, w, None, y, cols, geometry, pool=pool)
+    with pytest.raises(ValueError, match="conv_backward_shifted: the numpy backend does not "
+                                         "pool"):
+        slow.conv_backward_shifted(x, y, w, np.zeros_like(w), None, None, cols, geometry, False,
+                                   pool=pool)
+
+
+@fused_available
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("size", "pad", "pool"), [
+    (12, 0, (2, 2, 2, 2, 0, 0)),  # LeNet's: the planes stacked (windows tile the rows)
+    (11, 2, (3, 3, 2, 2, 0, 0)),  # cifar10_quick's: CEIL overhang, the padded plane
+    (9, 1, (3, 3, 2, 2, 1, 1)),  # padding: the clipped windows
+])
+def test_shifted_convolution_pools_each_image(dtype: str, size: int, pad: int,
+                                              pool: tuple[int, ...]) -> None:
+    """conv_forward_shifted with ``pool`` gives the convolution's output and the MAX pooling
+    of it (values and argmax, or values alone) with the bits of the two calls one after the
+    other; conv_backward_shifted with ``pool`` makes the top gradient from the pooling's (and
+    writes it) and gives the bits of max_pool_backward followed by the plain call, also where
+    another call has taken an image's bottom gradient before the chunk's owner made its top
+    gradient (shared work played out one call after the other)."""
+    from netforge.backend import kernels
+    from netforge.backend.base import even_slices
+
+    n, c, o, k = 6, 3, 4, 5
+    geometry = (k, k, 1, 1, pad, pad, 1, 1)
+    fast = NumpyBackend(dtype, workers=2)
+    fast.compiled_min = 1
+    assert fast.fuses_pooling(np.zeros(8, dtype))
+    rng = np.random.default_rng(17)
+    x = rng.normal(size=(n, c, size, size)).astype(dtype)
+    weights = rng.normal(size=(o, c, k, k)).astype(dtype)
+    bias = rng.normal(size=o).astype(dtype)
+    side = size + 2 * pad - k + 1
+    cols = np.empty((n, c * k, (size + 2 * pad) * side), dtype)
+    want = np.empty((n, o, side * side), dtype)
+    fast.conv_forward_shifted(x, weights, bias, want, cols, geometry)
+    kh, _, sh, _, ph, _ = pool
+    out = -(-(side + 2 * ph - kh) // sh) + 1
+    out -= ph > 0 and (out - 1) * sh >= side + ph
+    best, arg = np.empty((n, o, out, out), dtype), np.empty((n, o, out, out), np.int32)
+    values = np.empty_like(best)
+    kernels.max_pool(want.reshape(n, o, side, side), best, arg, pool)
+    kernels.max_pool_values(want.reshape(n, o, side, side), values, pool)
+    parts = even_slices(n, 2)
+    for keep in (best, None):
+        got, got_best, got_arg = (np.full_like(a, 7) for a in (want, best, arg))
+        work = fast.work_counter(parts)
+        for _ in parts:  # the first call makes every image: its own part, then the other's
+            fast.conv_forward_shifted(x, weights, bias, got, cols.copy(), geometry, claim=work,
+                                      pool=(pool, got_best, None if keep is None else got_arg))
+        assert got.tobytes() == want.tobytes()
+        assert got_best.tobytes() == (values if keep is None else best).tobytes()
+        assert (got_arg == 7).all() if keep is None else got_arg.tobytes() == arg.tobytes()
+
+    pdy = rng.normal(size=best.shape).astype(dtype)
+    dy = np.empty_like(want)
+    kernels.max_pool_backward(pdy, arg, dy.reshape(n, o, side, side), pool)
+    want_dx, want_dw = np.empty_like(x), np.empty((2, *weights.shape), dtype)
+    want_db = np.empty((2, o), dtype)
+    fast.conv_backward_shifted(x, dy, weights, want_dw, want_db, want_dx, cols.copy(), geometry,
+                               False, chunks=parts, claim=fast.work_counter(parts),
+                               scratch=np.empty((1, *cols.shape[1:]), dtype))
+    for other_first in (False, True):
+        got_dy, dx = np.full_like(dy, 7), np.full_like(x, 7)
+        dw, db = np.full_like(want_dw, 7), np.full_like(want_db, 7)
+        # the first call owns every chunk, or (other_first) only part 1: part 0 is another
+        # call's, which has not started, and the first takes its images' bottom gradients from
+        # the back before their top gradients are made and written by part 0's owner
+        work = fast.work_counter(parts)
+        if other_first:
+            work[kernels.CLAIMS] = 1
+        for call in range(2):
+            fast.conv_backward_shifted(x, got_dy, weights, dw, db, dx, cols.copy(), geometry,
+                                       False, chunks=parts, claim=work,
+                                       scratch=np.empty((1, *cols.shape[1:]), dtype),
+                                       pool=(pool, pdy, arg))
+            if call == 0:
+                assert not (dx == 7).any() and not (got_dy[parts[1]] == 7).any()
+                assert (got_dy[parts[0]] == 7).all() == other_first
+                if other_first:
+                    work[kernels.CLAIMS], work[kernels.PARTS] = 0, 1  # part 0's owner runs
+        for a, b in ((got_dy, dy), (dx, want_dx), (dw, want_dw), (db, want_db)):
+            assert a.tobytes() == b.tobytes()
 
 
 @kernels_available

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -450,3 +451,127 @@ def test_deploy_net_reads_trained_weights(workspace: Path, tmp_path: Path) -> No
     prob = deploy.forward(data=x)["prob"]
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     np.testing.assert_allclose(prob, e / e.sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
+
+
+# -- MAX pooling inside the convolution before it --------------------------------------------------
+
+POOLED = """
+force_backward: true
+layer { name: "in" type: "Input" top: "data" top: "label"
+        input_param { shape { dim: 6 dim: 2 dim: 16 dim: 16 } shape { dim: 6 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+        convolution_param { num_output: 4 kernel_size: 5 weight_filler { type: "xavier" }
+                            bias_filler { type: "gaussian" } } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
+        convolution_param { num_output: 5 kernel_size: 3 pad: 2 weight_filler { type: "xavier" }
+                            bias_filler { type: "gaussian" } } }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
+        pooling_param { pool: %s kernel_size: 3 stride: 2 } }
+layer { name: "ip" type: "InnerProduct" bottom: "pool2" top: "ip"
+        inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+
+def _two_workers(dtype: str = "float64") -> NumpyBackend:
+    backend = NumpyBackend(dtype, workers=2)
+    if backend.workers != 2 or not backend.fuses_conv(dtype):
+        pytest.skip("needs numba, NumPy's OpenBLAS and per-thread BLAS control")
+    backend.parallel_min = 0  # split even this small net
+    backend.compiled_min = 0
+    return backend
+
+
+def _pooled_run(monkeypatch: pytest.MonkeyPatch, fuse: bool, phase: str = "TRAIN",
+                method: str = "MAX", dtype: str = "float64", force: bool = True,
+                ) -> tuple[Net, dict[str, int], list[bytes]]:
+    """A pass of POOLED with the fusion on or off: the net, the Pooling layers' own
+    forward/backward calls, and every blob's data and diff and every parameter gradient.
+    Without ``force`` the first convolution makes no bottom gradient (as in LeNet)."""
+    from netforge.layers.vision import Pooling
+
+    monkeypatch.setattr(Net, "FUSE_POOLING", fuse)
+    calls = {"forward": 0, "backward": 0}
+
+    def counting(name: str) -> Any:
+        original = getattr(Pooling, name)
+
+        def counted(self: Pooling, *args: Any) -> None:
+            calls[name] += 1
+            original(self, *args)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(Pooling, name, counting(name))
+    text = POOLED % method if force else (POOLED % method).replace("force_backward: true", "")
+    net = Net(net_param(text), phase, backend=_two_workers(dtype), verbose=False, seed=5)
+    rng = np.random.default_rng(3)
+    net.forward(data=rng.normal(size=(6, 2, 16, 16)), label=rng.integers(0, 3, size=6))
+    if phase == "TRAIN":
+        net.backward()
+    bits = [a.tobytes() for b in net.blobs.values() for a in (b.data, b.diff)]
+    bits += [p.blob.diff.tobytes() for p in net.learnable_params]
+    return net, calls, bits
+
+
+@pytest.mark.parametrize(("dtype", "force"), [("float64", True), ("float32", True),
+                                             ("float32", False)])
+def test_convolution_pools_inside_its_own_pass(monkeypatch: pytest.MonkeyPatch, dtype: str,
+                                                force: bool) -> None:
+    """A Convolution whose top only a MAX Pooling reads makes the pooling's forward and
+    backward inside its own (LeNet's two pairs; here the stacked 2x2 planes and a CEIL
+    overhang): the Pooling layers' own passes do not run, and every blob's data and diff and
+    every gradient have the bits of the two layers run one after the other."""
+    net, calls, fused = _pooled_run(monkeypatch, True, dtype=dtype, force=force)
+    assert net._pooling_after == {1: 2, 3: 4}
+    assert calls == {"forward": 0, "backward": 0}
+    assert net.bottom_need_backward[1] == [force]
+    _, calls, apart = _pooled_run(monkeypatch, False, dtype=dtype, force=force)
+    assert calls == {"forward": 2, "backward": 2}
+    assert fused == apart
+    # TEST: the values alone, no argmax kept
+    net, calls, fused = _pooled_run(monkeypatch, True, "TEST", dtype=dtype)
+    assert calls["forward"] == 0
+    assert all(layer._argmax is None for layer in net.layers if layer.type == "Pooling")
+    assert fused == _pooled_run(monkeypatch, False, "TEST", dtype=dtype)[2]
+
+
+def test_pooling_the_convolution_cannot_take_runs_on_its_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """AVE pooling after a convolution is paired but runs its own passes (the convolution
+    pools MAX only), with the same results; a part of a forward, or a convolution top that
+    another layer reads too, or a pooling with a mask top, runs the layers apart."""
+    net, calls, fused = _pooled_run(monkeypatch, True, method="AVE")
+    assert net._pooling_after == {1: 2, 3: 4}
+    assert calls == {"forward": 1, "backward": 1}  # pool1 inside conv1, pool2 on its own
+    assert fused == _pooled_run(monkeypatch, False, method="AVE")[2]
+    # forward in two halves, split between conv2 and pool2: the pooling runs its own
+    net, calls, _ = _pooled_run(monkeypatch, True)
+    before = net.blobs["pool2"].data.copy()
+    net.blobs["pool2"].data[...] = 0
+    net.forward(end=3)
+    assert calls["forward"] == 0 and not net.blobs["pool2"].data.any()
+    net.forward(start=4)
+    assert calls["forward"] == 1 and net.blobs["pool2"].data.tobytes() == before.tobytes()
+    # a layer whose passes were wrapped on the instance (debug_info does) sees them called
+    seen: list[str] = []
+    pool1 = net.layers[2]
+    inner = pool1.forward
+
+    def logged(bottom: Any, top: Any) -> None:
+        seen.append("pool1")
+        inner(bottom, top)
+
+    pool1.forward = logged
+    net.forward()
+    net.backward()
+    assert seen == ["pool1"] and calls == {"forward": 2, "backward": 1}  # pool2 still inside
+    # no pairs: conv1's top read by two layers, pool2 with a mask top
+    text = (POOLED % "MAX").replace(
+        'top: "pool2"\n', 'top: "pool2" top: "mask"\n').replace(
+        'layer { name: "loss"', 'layer { name: "quiet" type: "Silence" bottom: "conv1" }\n'
+                                'layer { name: "loss"')
+    net = Net(net_param(text), "TRAIN", backend=_two_workers(), verbose=False)
+    assert net._pooling_after == {}

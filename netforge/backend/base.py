@@ -153,6 +153,19 @@ class Backend(ABC):
         none left. Only a backend whose shares_work is true makes one; this one refuses."""
         self._refuse_claim("work_counter")
 
+    # A row-shift convolution followed by MAX pooling can pool each image while its output is
+    # in cache, and take each image's top gradient from the pooling's as it needs it (``pool``
+    # of conv_forward_shifted and conv_backward_shifted), instead of two more passes over the
+    # batch: a backend that can says so here.
+    def fuses_pooling(self, array: Any) -> bool:
+        """Whether conv_forward_shifted and conv_backward_shifted take ``pool`` for outputs like
+        ``array``."""
+        return False
+
+    def _refuse_pool(self, call: str) -> None:
+        raise ValueError(f"{call}: the {self.name} backend does not pool inside a convolution "
+                         "(ask Backend.fuses_pooling first)")
+
     def _refuse_claim(self, call: str) -> None:
         """Shared work asked of a backend without it: the caller skipped shares_work (this
         backend's calls each make every item, so two of them would make them all twice)."""
@@ -266,13 +279,18 @@ class Backend(ABC):
         return out
 
     def conv_forward_shifted(self, x: Any, w: Any, bias: Any, y: Any, cols: Any,
-                             geometry: tuple[int, ...], claim: Any = None) -> None:
+                             geometry: tuple[int, ...], claim: Any = None,
+                             pool: Any = None) -> None:
         """y (N, O, P) = Σᵢ W's kernel row i (O, C·kw) · window i of the row-shift columns of
         x[n] (entries i·dh·ow to i·dh·ow + P) (+ ``bias``), for W (O, C, kh, kw) and a stride
         of 1 in height. ``cols`` (N, C·kw, rows·ow) is left holding every image's columns; a
-        smaller one is scratch. With ``claim``, only the images this call takes from it."""
+        smaller one is scratch. With ``claim``, only the images this call takes from it. With
+        ``pool`` = ((kh, kw, sh, sw, ph, pw), best, argmax or None) (fuses_pooling), each
+        image's output is also MAX-pooled into ``best``, as the Pooling layer would."""
         if claim is not None:
             self._refuse_claim("conv_forward_shifted")
+        if pool is not None:
+            self._refuse_pool("conv_forward_shifted")
         n, p = x.shape[0], y.shape[2]
         kh, step = geometry[0], self._shift_step(x, geometry)
         wk = self._by_kernel_row(w)
@@ -286,7 +304,7 @@ class Backend(ABC):
     def conv_backward_shifted(self, x: Any, dy: Any, w: Any, dw: Any, db: Any, dx: Any,
                               cols: Any, geometry: tuple[int, ...], recompute: bool,
                               chunks: Sequence[slice] | None = None, claim: Any = None,
-                              scratch: Any = None) -> None:
+                              scratch: Any = None, pool: Any = None) -> None:
         """For dy (N, O, P) and W (O, C, kh, kw): dw (O, C, kh, kw) with kernel row i (as O,
         C·kw) = Σₙ dyₙ · (window i of colsₙ)ᵀ, db (unless None) = Σ dy per channel and,
         unless dx is None, dx = the adjoint of the columns of Σᵢ (W's row i)ᵀ · dyₙ placed at
@@ -294,9 +312,14 @@ class Backend(ABC):
         dx is made), or with ``recompute`` is a buffer to make them in again, which may hold
         one image's. Shared work (``claim``): dw (len(chunks), O, C, kh, kw) and db
         (len(chunks), O) hold each chunk's sums, made by the call that took the chunk; dx is
-        made for the images taken; ``scratch`` holds one image's columns."""
+        made for the images taken; ``scratch`` holds one image's columns. With ``pool`` =
+        ((kh, kw, sh, sw, ph, pw), top gradient, argmax) (fuses_pooling), dy is first made,
+        image by image, as the MAX pooling's bottom gradient for that top gradient and
+        argmax."""
         if claim is not None:
             self._refuse_claim("conv_backward_shifted")
+        if pool is not None:
+            self._refuse_pool("conv_backward_shifted")
         n, p = dy.shape[0], dy.shape[2]
         kh, step = geometry[0], self._shift_step(x, geometry)
         wk = self._by_kernel_row(w)

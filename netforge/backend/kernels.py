@@ -335,8 +335,9 @@ if AVAILABLE:
         return scratch
 
 
-def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
-                   with_arg: bool) -> Any:
+def _make_max_pool_image(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+                         with_arg: bool) -> Any:
+    """MAX pooling of one image (the pooling kernels' and the fused convolutions' step)."""
     @njit(nogil=True, cache=True, inline="always")
     def clipped(p: Any, y: int, xx: int, h: int, w: int) -> tuple[Any, int]:
         h0, w0 = y * sh - ph, xx * sw - pw
@@ -376,41 +377,29 @@ def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                     a[xx] = k
 
     @njit(nogil=True, cache=True)
-    def kernel(x: Any, best: Any, arg: Any, y_lo: int, y_hi: int, x_lo: int,
-               x_hi: int, overhang: bool, claim: Any, flags: Any,
-               post: int) -> None:
-        _start_helpers(flags, post)
-        c_in, h, w = x.shape[1:]
-        oh, ow = best.shape[2], best.shape[3]
-        if overhang:  # see _padded_plane
-            scratch = np.full(((oh - 1) * sh + kh, (ow - 1) * sw + kw), -np.inf, x.dtype)
-            own = _claim_part(claim)
-            while True:
-                n = _next_item(claim, own)
-                if n < 0:
-                    break
-                for c in range(c_in):
-                    block(_padded_plane(x[n, c], scratch, 0, 0), best[n, c],
-                          arg[n, c] if with_arg else arg[0, 0], oh, ow)
-            return
-        own = _claim_part(claim)
-        while True:
-            n = _next_item(claim, own)
-            if n < 0:
-                break
-            for c in range(c_in):
-                p = x[n, c]
-                if ph == 0 and pw == 0:
-                    block(p, best[n, c], arg[n, c] if with_arg else arg[0, 0], y_hi, x_hi)
-                    for y in range(oh):  # the CEIL overhang: bottom rows, right columns
-                        for xx in range(x_hi if y < y_hi else 0, ow):
-                            m, k = clipped(p, y, xx, h, w)
-                            best[n, c, y, xx] = m
-                            if with_arg:
-                                arg[n, c, y, xx] = k
-                    continue
+    def image(x: Any, best: Any, arg: Any, y_lo: int, y_hi: int, x_lo: int, x_hi: int,
+              overhang: bool, scratch: Any) -> None:
+        """One image: x (C, H, W) -> best, arg (C, oh, ow); ``arg`` is (1, 1, 1) without
+        the argmax, ``scratch`` a plane with room for every window (see _padded_plane)
+        when ``overhang``."""
+        c_in, h, w = x.shape
+        oh, ow = best.shape[1], best.shape[2]
+        for c in range(c_in):
+            p = x[c]
+            if overhang:
+                block(_padded_plane(p, scratch, 0, 0), best[c], arg[c] if with_arg else arg[0],
+                      oh, ow)
+            elif ph == 0 and pw == 0:
+                block(p, best[c], arg[c] if with_arg else arg[0], y_hi, x_hi)
+                for y in range(oh):  # the CEIL overhang: bottom rows, right columns
+                    for xx in range(x_hi if y < y_hi else 0, ow):
+                        m, k = clipped(p, y, xx, h, w)
+                        best[c, y, xx] = m
+                        if with_arg:
+                            arg[c, y, xx] = k
+            else:
                 for y in range(oh):
-                    b, a = best[n, c, y], arg[n, c, y] if with_arg else arg[0, 0, 0]
+                    b, a = best[c, y], arg[c, y] if with_arg else arg[0, 0]
                     inside = y_lo <= y < y_hi
                     for xx in range(ow):
                         if inside and x_lo <= xx < x_hi:
@@ -420,6 +409,26 @@ def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
                         b[xx] = m
                         if with_arg:
                             a[xx] = k
+
+    return image
+
+
+def _make_max_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+                   with_arg: bool) -> Any:
+    image = _kernel("max_image" if with_arg else "max_values_image", (kh, kw, sh, sw, ph, pw))
+
+    @njit(nogil=True, cache=True)
+    def kernel(x: Any, best: Any, arg: Any, y_lo: int, y_hi: int, x_lo: int,
+               x_hi: int, overhang: bool, scratch: Any, claim: Any, flags: Any,
+               post: int) -> None:
+        _start_helpers(flags, post)
+        own = _claim_part(claim)
+        while True:
+            n = _next_item(claim, own)
+            if n < 0:
+                break
+            image(x[n], best[n], arg[n] if with_arg else arg[0], y_lo, y_hi, x_lo, x_hi,
+                  overhang, scratch)
 
     return kernel
 
@@ -468,26 +477,37 @@ def _make_ave_pool(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
     return kernel
 
 
+def _make_max_pool_backward_image(kh: int, kw: int, sh: int, sw: int, ph: int,
+                                  pw: int) -> Any:
+    @njit(nogil=True, cache=True)
+    def image(dy: Any, arg: Any, dx: Any) -> None:
+        """One image: dx (C, H, W) = dy (C, oh, ow) routed to each window's argmax."""
+        oh, ow = dy.shape[1], dy.shape[2]
+        for c in range(dx.shape[0]):
+            d = dx[c]
+            d[:, :] = 0.0
+            for y in range(oh):
+                g, a = dy[c, y], arg[c, y]
+                for xx in range(ow):
+                    k = a[xx]
+                    if k >= 0:  # kw is a constant: // and % are cheap
+                        d[y * sh - ph + k // kw, xx * sw - pw + k % kw] += g[xx]
+
+    return image
+
+
 def _make_max_pool_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int) -> Any:
+    image = _kernel("max_backward_image", (kh, kw, sh, sw, ph, pw))
+
     @njit(nogil=True, cache=True)
     def kernel(dy: Any, arg: Any, dx: Any, claim: Any, flags: Any, post: int) -> None:
         _start_helpers(flags, post)
-        c_in = dx.shape[1]
-        oh, ow = dy.shape[2], dy.shape[3]
         own = _claim_part(claim)
         while True:
             n = _next_item(claim, own)
             if n < 0:
                 break
-            for c in range(c_in):
-                d = dx[n, c]
-                d[:, :] = 0.0
-                for y in range(oh):
-                    g, a = dy[n, c, y], arg[n, c, y]
-                    for xx in range(ow):
-                        k = a[xx]
-                        if k >= 0:  # kw is a constant: // and % are cheap
-                            d[y * sh - ph + k // kw, xx * sw - pw + k % kw] += g[xx]
+            image(dy[n], arg[n], dx[n])
 
     return kernel
 
@@ -859,17 +879,36 @@ if AVAILABLE:
             db[o] = total
 
 
+if AVAILABLE:
+    @njit(nogil=True, cache=True)
+    def _no_pooling(x: Any, best: Any, arg: Any, y_lo: int, y_hi: int, x_lo: int, x_hi: int,
+                    overhang: bool, scratch: Any) -> None:
+        """The per-image pooling step of a convolution that has none."""
+
+    @njit(nogil=True, cache=True)
+    def _no_unpooling(dy: Any, arg: Any, dx: Any) -> None:
+        """The per-image pooling gradient of a convolution that has none."""
+
+
 def _make_conv_shifted(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
-                       dw: int) -> Any:
+                       dw: int, *pool: int, with_arg: bool = True) -> Any:
     """Per image: cols[n] = the row-shift columns of x[n] (C·kw, rows·ow); y[n] (O, P) =
     Σᵢ wk[i] (O, C·kw) · cols[n][:, i·dh·ow : i·dh·ow + P] (+ bias): kh GEMMs over windows of
     the same columns (stride 1 in height), wk = W by kernel row. ``cols`` holds every image's
-    (N, C·kw, rows·ow) or one image's as scratch."""
+    (N, C·kw, rows·ow) or one image's as scratch. With a ``pool`` geometry (kh, kw, sh, sw,
+    ph, pw), each image's y[n], seen as (c1, h1, w1), is then MAX-pooled into pbest[n] (and its
+    argmax into parg[n] ``with_arg``) while it is in cache; without, those arguments are
+    unused."""
     im2col = _kernel("im2col_shifted", (kh, kw, sh, sw, ph, pw, dh, dw))
+    pooled = bool(pool)
+    pool_image = (_kernel("max_image" if with_arg else "max_values_image", pool) if pooled
+                  else _no_pooling)
 
     @njit(nogil=True, cache=True)
     def kernel(gemm: Any, x: Any, w: Any, bias: Any, with_bias: bool, y: Any, cols: Any,
-               oh: int, ow: int, claim: Any, flags: Any, post: int) -> None:
+               oh: int, ow: int, claim: Any, flags: Any, post: int, pbest: Any, parg: Any,
+               c1: int, h1: int, w1: int, y_lo: int, y_hi: int, x_lo: int, x_hi: int,
+               overhang: bool, pscratch: Any) -> None:
         _start_helpers(flags, post)
         wk = _rows_by_kernel_row(w)
         n_img = x.shape[0]
@@ -893,6 +932,9 @@ def _make_conv_shifted(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh:
                     b, line = bias[o], out[o]
                     for q in range(p):
                         line[q] += b
+            if pooled:
+                pool_image(out.reshape((c1, h1, w1)), pbest[n], parg[n] if with_arg else parg[0],
+                           y_lo, y_hi, x_lo, x_hi, overhang, pscratch)
 
     return kernel
 
@@ -915,21 +957,28 @@ if AVAILABLE:
 
 
 def _make_conv_shifted_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw: int, dh: int,
-                                dw: int) -> Any:
+                                dw: int, *pool: int) -> Any:
     """For each chunk c of images (bounds[c] to bounds[c + 1], the parts of the work array
     ``claim``) this call owns: dW's kernel row i (C·kw, O) = Σₙ window i of cols[n] · dy[n]ᵀ
     over the chunk, the columns kept from forward or made again here, written into dw[c] (O,
     C, kh, kw) in the blob's order, and with ``with_db`` db[c] = Σ dy per channel; with
     ``down``, each image's column gradient Σᵢ wk[i]ᵀ · dy[n] (at window i of the zeroed
     ``scratch``) and dx[n] = its col2im, for the images it takes: its chunks' from the front
-    as it goes, then those left at the back of the others'."""
+    as it goes, then those left at the back of the others'. With a ``pool`` geometry (kh, kw,
+    sh, sw, ph, pw) the top gradient comes from the MAX pooling that follows: dy[n], seen as
+    (c1, h1, w1), is made from the pooling's top gradient pdy[n] and argmax parg[n] where it is
+    first needed (by the chunk's owner, which writes it into dy; an image whose bottom gradient
+    another call takes gets its own copy in ``own``); without, those arguments are unused."""
     geometry = (kh, kw, sh, sw, ph, pw, dh, dw)
     forward, adjoint = _kernel("im2col_shifted", geometry), _kernel("col2im_shifted", geometry)
+    pooled = bool(pool)
+    unpool = _kernel("max_backward_image", pool) if pooled else _no_unpooling
 
     @njit(nogil=True, cache=True)
     def kernel(gemm: Any, x: Any, dy: Any, w: Any, dw: Any, db: Any, with_db: bool, dx: Any,
                down: bool, cols: Any, recompute: bool, oh: int, ow: int, bounds: Any,
-               claim: Any, scratch: Any, flags: Any, post: int) -> None:
+               claim: Any, scratch: Any, flags: Any, post: int, pdy: Any, parg: Any, c1: int,
+               h1: int, w1: int, own: Any) -> None:
         _start_helpers(flags, post)
         wk = _rows_by_kernel_row(w)
         o_n, ck = wk.shape[1], wk.shape[2]
@@ -955,6 +1004,8 @@ def _make_conv_shifted_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw:
                 if recompute:
                     forward(x[n:n + 1], col, ow)
                 d = dy[n]
+                if pooled:
+                    unpool(pdy[n], parg[n], d.reshape((c1, h1, w1)))
                 if ck >= 32:
                     for q in range(p):
                         line = d_t[q]
@@ -987,7 +1038,11 @@ def _make_conv_shifted_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw:
             n = _take_stolen(claim, -1)
             if n < 0:
                 break
-            _column_gradient(gemm, wk, dy[n], scratch, step, p)
+            d = dy[n]
+            if pooled:  # the owner may be writing dy[n] now: a copy of one's own
+                d = own
+                unpool(pdy[n], parg[n], d.reshape((c1, h1, w1)))
+            _column_gradient(gemm, wk, d, scratch, step, p)
             adjoint(dx[n:n + 1], scratch, ow)
 
     return kernel
@@ -996,16 +1051,27 @@ def _make_conv_shifted_backward(kh: int, kw: int, sh: int, sw: int, ph: int, pw:
 def conv_forward_shifted(gemm: Any, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
                          y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...], oh: int,
                          ow: int, post: tuple[np.ndarray, int] = NO_POST,
-                         claim: np.ndarray | None = None) -> None:
+                         claim: np.ndarray | None = None,
+                         pool: tuple[Any, ...] | None = None) -> None:
     """y (N, O, P) = Σᵢ W's kernel row i · (window i of the row-shift columns of x[n])
     (+ bias) per image for W (O, C, kh, kw), the columns written into ``cols`` (N, C·kw,
     rows·ow) or (1, ...); contiguous arrays of one dtype. With ``claim`` (an int64 counter
     shared by concurrent calls, 0 before the first) only the images this call takes from
-    it, one at a time."""
+    it, one at a time. ``pool`` = (geometry, best, arg or None): each image's output is then
+    MAX-pooled as max_pool(y, best, arg, geometry) would (``arg`` None: max_pool_values)."""
     if claim is None:
         claim = work_counter([slice(0, x.shape[0])])
-    _kernel("conv_shifted", geometry)(gemm, x, w, w[0, 0, 0] if bias is None else bias,
-                                      bias is not None, y, cols, oh, ow, claim, *post)
+    kind, pooled = "conv_shifted", NO_POOL
+    if pool is not None:
+        pool_geometry, best, arg = pool
+        y4 = y.reshape(y.shape[0], y.shape[1], oh, ow)
+        y4, best, *more = _stacked(y4, best, pool_geometry, *(() if arg is None else (arg,)))
+        kind = "conv_shifted_max" if arg is not None else "conv_shifted_max_values"
+        geometry = (*geometry, *pool_geometry)
+        pooled = (best, more[0] if more else NO_ARG, *y4.shape[1:],
+                  *_max_pool_args(y4, best, pool_geometry))
+    _kernel(kind, geometry)(gemm, x, w, w[0, 0, 0] if bias is None else bias, bias is not None,
+                            y, cols, oh, ow, claim, *post, *pooled)
 
 
 def conv_backward_shifted(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
@@ -1013,14 +1079,18 @@ def conv_backward_shifted(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarra
                           cols: np.ndarray, recompute: bool, geometry: tuple[int, ...],
                           oh: int, ow: int, post: tuple[np.ndarray, int] = NO_POST,
                           bounds: np.ndarray | None = None, claim: np.ndarray | None = None,
-                          scratch: np.ndarray | None = None) -> None:
+                          scratch: np.ndarray | None = None,
+                          pool: tuple[Any, ...] | None = None) -> None:
     """dw (O, C, kh, kw): row i = Σₙ dy[n] · (window i of colsₙ)ᵀ, db (unless None) = Σ dy
     per channel and, unless ``dx`` is None, dx = the row-shift col2im of Σᵢ (W's row i)ᵀ ·
     dy[n] placed at window i; ``cols`` holds the kept columns (N, C·kw, rows·ow) or is one
     image's scratch (``recompute``). Work shared by concurrent calls: ``bounds`` (int64,
     chunks + 1) splits the images into chunks whose dw[c] (chunks, O, C, kh, kw) and db[c]
     are made separately, ``claim`` is a counter array (work_counter()) from which each call
-    takes chunks, then images for dx, and ``scratch`` holds one image's columns."""
+    takes chunks, then images for dx, and ``scratch`` holds one image's columns. ``pool`` =
+    (geometry, pdy, arg): dy is the bottom gradient of the MAX pooling with top gradient pdy
+    and argmax ``arg``, made here image by image (max_pool_backward's values) and written into
+    ``dy``."""
     if bounds is None:
         bounds = np.array([0, dy.shape[0]], np.int64)
         dw, db = dw[None], None if db is None else db[None]
@@ -1028,10 +1098,18 @@ def conv_backward_shifted(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarra
         claim = work_counter([slice(0, dy.shape[0])])
     if scratch is None:
         scratch = np.empty((1, *cols.shape[1:]), cols.dtype)
-    _kernel("conv_shifted_backward", geometry)(
+    kind, unpooled = "conv_shifted_backward", (*NO_UNPOOL, np.zeros((1, 1), dy.dtype))
+    if pool is not None:
+        pool_geometry, pdy, arg = pool
+        dy4, pdy, arg = _stacked(dy.reshape(dy.shape[0], dy.shape[1], oh, ow), pdy,
+                                 pool_geometry, arg)
+        kind, geometry = "conv_shifted_backward_max", (*geometry, *pool_geometry)
+        unpooled = (np.ascontiguousarray(pdy), arg, *dy4.shape[1:], np.empty(dy.shape[1:],
+                                                                             dy.dtype))
+    _kernel(kind, geometry)(
         gemm, x, dy, w, dw, dw[:, 0, 0, 0] if db is None else db, db is not None,
         x if dx is None else dx, dx is not None, cols, recompute, oh, ow, bounds, claim,
-        scratch, *post)
+        scratch, *post, *unpooled)
 
 
 def conv_backward_images(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
@@ -1100,11 +1178,17 @@ _FACTORIES: dict[str, Any] = {
     "im2col_shifted": lambda *g: _make_shifted(*g, adjoint=False),
     "col2im_shifted": lambda *g: _make_shifted(*g, adjoint=True),
     "conv_shifted": _make_conv_shifted,
+    "conv_shifted_max": _make_conv_shifted,
+    "conv_shifted_max_values": lambda *g: _make_conv_shifted(*g, with_arg=False),
     "conv_shifted_backward": _make_conv_shifted_backward,
+    "conv_shifted_backward_max": _make_conv_shifted_backward,
     "max": lambda *g: _make_max_pool(*g, with_arg=True),
     "max_values": lambda *g: _make_max_pool(*g, with_arg=False),
+    "max_image": lambda *g: _make_max_pool_image(*g, with_arg=True),
+    "max_values_image": lambda *g: _make_max_pool_image(*g, with_arg=False),
     "ave": _make_ave_pool,
     "max_backward": _make_max_pool_backward,
+    "max_backward_image": _make_max_pool_backward_image,
     "ave_backward": _make_ave_pool_backward,
 }
 
@@ -1130,6 +1214,26 @@ def _max_overhang(x: np.ndarray, out: np.ndarray, geometry: tuple[int, ...],
     return (ph == pw == 0 and _clipped(bounds, out) and (oh - 1) * sh < x.shape[2]
             and (ow - 1) * sw < x.shape[3])
 
+
+def _max_pool_args(x: np.ndarray, best: np.ndarray,
+                   geometry: tuple[int, ...]) -> tuple[Any, ...]:
+    """The bounds, overhang flag and scratch plane a MAX pooling kernel (or its per-image
+    step) takes for input x and output best, (N, C, H, W) and (N, C, oh, ow)."""
+    kh, kw, sh, sw = geometry[:4]
+    bounds = _pool_bounds(x, best, geometry)
+    overhang = _max_overhang(x, best, geometry, bounds)
+    oh, ow = best.shape[2:]
+    shape = ((oh - 1) * sh + kh, (ow - 1) * sw + kw) if overhang else (1, 1)
+    return (*bounds, overhang, np.full(shape, -np.inf, x.dtype))
+
+
+NO_ARG = np.zeros((1, 1, 1, 1), dtype=np.int32)  # the argmax of a MAX pooling that keeps none
+# the pooling arguments of a row-shift convolution that pools nothing
+NO_POOL = (np.zeros((1, 1, 1, 1), np.float32), NO_ARG, 1, 1, 1, 0, 0, 0, 0, False,
+           np.zeros((1, 1), np.float32))
+# ... and the pooling gradient's arguments of one whose top gradient comes from no pooling
+# (its copy of a gradient, the last, in the gradient's dtype)
+NO_UNPOOL = (np.zeros((1, 1, 1, 1), np.float32), NO_ARG, 1, 1, 1)
 
 # Each pooling and ReLU kernel takes ``post`` = (flags, n) as the fused convolutions do: a
 # deferred job's caller starts the other workers from inside it (BatchPool.take_post).
@@ -1162,8 +1266,7 @@ def _work(claim: np.ndarray | None, n: int) -> np.ndarray:
 def max_pool(x: np.ndarray, best: np.ndarray, arg: np.ndarray, geometry: tuple[int, ...],
              post: tuple[np.ndarray, int] = NO_POST, claim: np.ndarray | None = None) -> None:
     x, best, arg = _stacked(np.ascontiguousarray(x), best, geometry, arg)
-    bounds = _pool_bounds(x, best, geometry)
-    _kernel("max", geometry)(x, best, arg, *bounds, _max_overhang(x, best, geometry, bounds),
+    _kernel("max", geometry)(x, best, arg, *_max_pool_args(x, best, geometry),
                              _work(claim, x.shape[0]), *post)
 
 
@@ -1171,10 +1274,7 @@ def max_pool_values(x: np.ndarray, best: np.ndarray, geometry: tuple[int, ...],
                     post: tuple[np.ndarray, int] = NO_POST,
                     claim: np.ndarray | None = None) -> None:
     x, best = _stacked(np.ascontiguousarray(x), best, geometry)
-    unused = np.zeros((1, 1, 1, 1), dtype=np.int32)
-    bounds = _pool_bounds(x, best, geometry)
-    _kernel("max_values", geometry)(x, best, unused, *bounds,
-                                    _max_overhang(x, best, geometry, bounds),
+    _kernel("max_values", geometry)(x, best, NO_ARG, *_max_pool_args(x, best, geometry),
                                     _work(claim, x.shape[0]), *post)
 
 

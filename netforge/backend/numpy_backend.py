@@ -326,26 +326,29 @@ class NumpyBackend(Backend):
                                    geometry, *self._out_hw(x, geometry), channels_last,
                                    self._pool.take_post())
 
+    def fuses_pooling(self, array: np.ndarray) -> bool:
+        return self.use_compiled(array.size) and self.fuses_conv(array.dtype)
+
     def conv_forward_shifted(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
                              y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...],
-                             claim: Any = None) -> None:
+                             claim: Any = None, pool: Any = None) -> None:
         gemm = self._fused_gemm(y, x, w, bias, cols)
         if gemm is None:
-            super().conv_forward_shifted(x, w, bias, y, cols, geometry, claim)
+            super().conv_forward_shifted(x, w, bias, y, cols, geometry, claim, pool)
         else:
             kernels.conv_forward_shifted(gemm, x, w, bias, y, cols, geometry,
                                          *self._out_hw(x, geometry), self._pool.take_post(),
-                                         claim)
+                                         claim, pool)
 
     def conv_backward_shifted(self, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
                               dw: np.ndarray, db: np.ndarray | None, dx: np.ndarray | None,
                               cols: np.ndarray, geometry: tuple[int, ...], recompute: bool,
                               chunks: Sequence[slice] | None = None, claim: Any = None,
-                              scratch: Any = None) -> None:
+                              scratch: Any = None, pool: Any = None) -> None:
         gemm = self._fused_gemm(dy, x, w, dw, db, dx, cols)
         if gemm is None:
             super().conv_backward_shifted(x, dy, w, dw, db, dx, cols, geometry, recompute,
-                                          chunks, claim, scratch)
+                                          chunks, claim, scratch, pool)
             return
         if not recompute and cols.shape[0] != dy.shape[0]:
             raise ValueError("conv_backward_shifted: kept columns for every image needed")
@@ -356,7 +359,7 @@ class NumpyBackend(Backend):
             bounds = np.array([c.start for c in chunks] + [chunks[-1].stop], np.int64)
         kernels.conv_backward_shifted(gemm, x, dy, w, dw, db, dx, cols, recompute, geometry,
                                       *self._out_hw(x, geometry), self._pool.take_post(),
-                                      bounds, claim, scratch)
+                                      bounds, claim, scratch, pool)
 
     # ReLU as one compiled pass per part of the flattened array, on every worker (NumPy's
     # expressions make temporaries and run on one core): cifar10_quick's three ReLUs (26 MB

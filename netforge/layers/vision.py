@@ -519,9 +519,9 @@ class Convolution(_ConvolutionBase):
         return (self.backend.shares_work(y)
                 and len(self.backend.batch_parts(x.shape[0], self._cost(x))) > 1)
 
-    def _forward_shared(self, x: Any, y: Any, i: int, keep: bool) -> Any:
-        """y = W ⋆ x + b, the images shared out; returns the kept columns (``keep``), or
-        None."""
+    def _forward_shared(self, x: Any, y: Any, i: int, keep: bool, pool: Any = None) -> Any:
+        """y = W ⋆ x + b, the images shared out (and MAX-pooled, with ``pool``: see
+        forward_pooled); returns the kept columns (``keep``), or None."""
         n, shape, w = x.shape[0], self._shifted_shape(x), self.blobs[0].data
         claim = self.backend.work_counter(even_slices(n, self.backend.workers))
         cols = self.buffer(f"col{i}", (n, *shape)) if keep else None
@@ -531,13 +531,15 @@ class Convolution(_ConvolutionBase):
         def run(slot: int, k: int) -> None:
             scratch = cols if cols is not None else self.buffer(f"col{i}.{slot}", (1, *shape))
             self.backend.conv_forward_shifted(x, w, bias, out, scratch, self.geom.flat,
-                                              claim=claim)
+                                              claim=claim, pool=pool)
 
         self.backend.parallel(run, self.backend.workers, self._cost(x), deferred=True)
         return cols
 
-    def _backward_shared(self, t: Blob, b: Blob, i: int, down: bool, cols: Any) -> None:
-        """dW, db and (``down``) dx, shared out; ``cols`` kept from forward, or None."""
+    def _backward_shared(self, t: Blob, b: Blob, i: int, down: bool, cols: Any,
+                         pool: Any = None) -> None:
+        """dW, db and (``down``) dx, shared out; ``cols`` kept from forward, or None. With
+        ``pool``, the top gradient is made from the MAX pooling's (see backward_pooled)."""
         x, n, shape = b.data, b.shape[0], self._shifted_shape(b.data)
         dy, dx = t.diff.reshape(n, self.conv_out, -1), b.diff if down else None
         workers = self.backend.workers
@@ -550,10 +552,50 @@ class Convolution(_ConvolutionBase):
             made = cols if cols is not None else self.buffer(f"col{i}.{slot}", (1, *shape))
             self.backend.conv_backward_shifted(
                 x, dy, w, dw, db, dx, made, self.geom.flat, cols is None, chunks=chunks,
-                claim=claim, scratch=self.buffer(f"dcol.{slot}", (1, *shape)))
+                claim=claim, scratch=self.buffer(f"dcol.{slot}", (1, *shape)), pool=pool)
 
         self.backend.parallel(run, workers, self._cost(x), deferred=True)
         self._accumulate([(dw[c], None if db is None else db[c]) for c in range(len(chunks))])
+
+    # -- MAX pooling inside the convolution (Net: a Pooling layer that alone reads the top) -----
+    # Each image's output is pooled right after it is made, while it is in the core's cache,
+    # and backward makes each image's top gradient from the pooling's where it needs it: the
+    # pooling's two passes over the batch (and its two hand-overs between the workers; LeNet's
+    # pool2 ran on one core) go. The values are the Pooling layer's, bit for bit, and the top
+    # blob's data and diff are written as the two layers would write them.
+    def _pools(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> bool:
+        x, y = bottom[0].data, top[0].data
+        return (len(bottom) == 1 and self._layout(y.shape[2] * y.shape[3], x.dtype) == "shifted"
+                and self._shares(x, y) and self.backend.fuses_pooling(y))
+
+    def forward_pooled(self, bottom: Sequence[Blob], top: Sequence[Blob], pool: Pooling,
+                       pool_top: Sequence[Blob]) -> bool:
+        """forward, and ``pool``'s forward from top into ``pool_top`` in the same pass; False,
+        having done nothing, where the backend or the layers cannot (then run both)."""
+        if not self._pools(bottom, top):
+            return False
+        spec = pool.pooled_elsewhere(top[0], pool_top)
+        if spec is None:
+            return False
+        x = bottom[0].data
+        keep = len(self._parts(x)) <= self.backend.workers and self.phase == PHASE_TRAIN
+        cols = self._forward_shared(x, top[0].data, 0, keep, spec)
+        self._kept = {0: cols} if keep else {}
+        return True
+
+    def backward_pooled(self, top: Sequence[Blob], propagate_down: Sequence[bool],
+                        bottom: Sequence[Blob], pool: Pooling,
+                        pool_top: Sequence[Blob]) -> bool:
+        """``pool``'s backward (from ``pool_top``'s diff into top's), then backward, in one
+        pass; False, having done nothing, where it cannot (then run both)."""
+        if not self._pools(bottom, top):
+            return False
+        spec = pool.unpooled_elsewhere(top[0], pool_top)
+        if spec is None:
+            return False
+        self._backward_shared(top[0], bottom[0], 0, propagate_down[0],
+                              getattr(self, "_kept", {}).get(0), spec)
+        return True
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
@@ -760,6 +802,32 @@ class Pooling(Layer):
 
     def _geometry(self) -> tuple[int, ...]:
         return (*self.kernel, *self.stride, *self.pad)
+
+    def pooled_elsewhere(self, bottom: Blob, top: Sequence[Blob]) -> Any:
+        """For a convolution that makes this layer's forward inside its own (forward_pooled):
+        (geometry, top data, argmax or None), this layer's state set as its forward would
+        leave it; None where only this layer's forward can (not MAX, a mask top, no compiled
+        kernels, one window)."""
+        x = bottom.data
+        if self.method != PP.MAX or len(top) != 1 or not self._compiled(x):
+            return None
+        if self.phase != PHASE_TRAIN:
+            self._argmax = None
+            return self._geometry(), top[0].data, None
+        arg = getattr(self, "_argmax", None)
+        if arg is None or arg.shape != top[0].shape:
+            arg = self.xp.empty(top[0].shape, dtype=self.xp.int32)
+        self._argmax = arg
+        return self._geometry(), top[0].data, arg
+
+    def unpooled_elsewhere(self, bottom: Blob, top: Sequence[Blob]) -> Any:
+        """For a convolution that makes this layer's backward inside its own (backward_pooled):
+        (geometry, top diff, argmax), or None where only this layer's backward can."""
+        arg = getattr(self, "_argmax", None)
+        if (self.method != PP.MAX or len(top) != 1 or not self._compiled(bottom.data)
+                or arg is None or arg.shape != top[0].shape):
+            return None
+        return self._geometry(), top[0].diff, arg
 
     def forward(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:
         x = bottom[0].data
