@@ -250,12 +250,12 @@ class DebugInfo:
             return result
         return backward
 
-    def _net_backward(self, inner: Callable[[], Any]) -> Callable[[], Any]:
+    def _net_backward(self, inner: Callable[..., Any]) -> Callable[..., Any]:
         net = self.net
         xp = net.backend.xp
 
-        def backward() -> Any:
-            result = inner()
+        def backward(*args: Any) -> Any:
+            result = inner(*args)
             if self.active():
                 l1 = [0.0, 0.0]
                 l2 = [0.0, 0.0]

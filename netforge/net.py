@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -584,28 +584,49 @@ class Net:
                 if w:
                     t.diff[...] = w
 
-    def backward(self) -> None:
+    def backward(self, ready: Callable[[int], None] | None = None) -> None:
+        """Backward through every layer that needs it, last to first. ``ready(i)`` is called
+        once the layers from i on are done (whether layer i ran or not): the gradients of the
+        params that only those layers use are then final."""
         self.backward_prepare()
         need, pairs = self.layer_need_backward, self._pooling_after if self.FUSE_POOLING else {}
         with self.backend.running():
             for i in reversed(range(len(self.layers))):
-                if not need[i] or (self.FUSE_POOLING and i in self._pooled_by):
-                    continue  # a pooling's backward waits for its convolution's (below)
-                layer, top, bottom = self.layers[i], self.top_vecs[i], self.bottom_vecs[i]
-                j = pairs.get(i)
-                if j is not None and need[j]:
-                    if self._unwrapped(i, j) and layer.backward_pooled(
-                            top, self.bottom_need_backward[i], bottom, self.layers[j],
-                            self.top_vecs[j]):
-                        continue
-                    self.layers[j].backward(self.top_vecs[j], self.bottom_need_backward[j],
-                                            self.bottom_vecs[j])
-                layer.backward(top, self.bottom_need_backward[i], bottom)
+                self._backward_layer(i, need, pairs)
+                if ready is not None:
+                    ready(i)
 
-    def forward_backward(self) -> float:
+    def _backward_layer(self, i: int, need: list[bool], pairs: dict[int, int]) -> None:
+        if not need[i] or (self.FUSE_POOLING and i in self._pooled_by):
+            return  # a pooling's backward waits for its convolution's (below)
+        layer, top, bottom = self.layers[i], self.top_vecs[i], self.bottom_vecs[i]
+        j = pairs.get(i)
+        if j is not None and need[j]:
+            if self._unwrapped(i, j) and layer.backward_pooled(
+                    top, self.bottom_need_backward[i], bottom, self.layers[j],
+                    self.top_vecs[j]):
+                return
+            self.layers[j].backward(self.top_vecs[j], self.bottom_need_backward[j],
+                                    self.bottom_vecs[j])
+        layer.backward(top, self.bottom_need_backward[i], bottom)
+
+    def forward_backward(self, ready: Callable[[int], None] | None = None) -> float:
         self.forward()
-        self.backward()
+        if ready is None:
+            self.backward()  # as a wrapper on the instance (debug_info's) expects it
+        else:
+            self.backward(ready)
         return self.loss
+
+    def param_ready_at(self) -> list[int]:
+        """For each learnable param, the index of the first layer that uses it (owner or
+        sharer): its gradient is final once backward has passed that layer."""
+        first, xp = [], self.backend.xp
+        for p in self.learnable_params:
+            first.append(min(i for i, layer in enumerate(self.layers)
+                             if any(b is p.blob or xp.may_share_memory(b.diff, p.blob.diff)
+                                    for b in layer.blobs)))
+        return first
 
     def clear_param_diffs(self) -> None:
         for p in self.learnable_params:

@@ -435,6 +435,48 @@ def test_deferred_jobs_start_their_helpers_from_the_callers_kernel(
     assert started == [True]
 
 
+def test_batch_pool_runs_waiting_tasks_beside_a_balanced_job() -> None:
+    """Tasks given to later() run on worker 1 before its parts of the next balanced job (not
+    of another job), or on the caller at finish_later(); each thread's tasks wait for that
+    thread's jobs; a task's error is raised by the job it ran in."""
+    import threading
+
+    from netforge.backend.threads import BatchPool
+
+    pool = BatchPool(2)
+    if pool.workers != 2:
+        pytest.skip("no per-thread BLAS control here: batch parallelism is off")
+    ran: list[tuple[str, str]] = []
+
+    def task(name: str) -> Any:
+        return lambda: ran.append((name, threading.current_thread().name))
+
+    pool.later(task("a"))
+    pool.later(task("b"))
+    assert pool.run(lambda s, k: k, 2) == [0, 1] and ran == []  # not balanced: not taken
+    assert pool.run(lambda s, k: len(ran), 2, balanced=True) == [0, 2]  # worker 1: after them
+    assert ran == [("a", "netforge-batch-1"), ("b", "netforge-batch-1")]
+    pool.later(task("c"))
+    pool.finish_later()
+    assert ran[-1] == ("c", threading.current_thread().name)
+    pool.finish_later()  # nothing left
+    assert len(ran) == 3
+    # another thread's task waits for that thread's jobs
+    other = threading.Thread(target=lambda: pool.later(task("d")))
+    other.start()
+    other.join()
+    pool.run(lambda s, k: k, 2, balanced=True)
+    assert len(ran) == 3
+
+    def fail() -> None:
+        raise ValueError("task failed")
+
+    pool.later(fail)
+    with pytest.raises(ValueError, match="task failed"):
+        pool.run(lambda s, k: k, 2, balanced=True)
+    assert pool.run(lambda s, k: k, 2, balanced=True) == [0, 1]
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_batch_pool_reports_a_helper_that_died() -> None:
     """A helper thread that dies (here: an error in its wait) is an error in the caller, not a

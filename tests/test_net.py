@@ -575,3 +575,27 @@ def test_pooling_the_convolution_cannot_take_runs_on_its_own(
                                 'layer { name: "loss"')
     net = Net(net_param(text), "TRAIN", backend=_two_workers(), verbose=False)
     assert net._pooling_after == {}
+
+
+def test_backward_says_when_each_layer_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    """backward(ready) calls ready(i) for every layer, last to first, once layer i's backward
+    (if it has one) has run, also where a pooling runs inside its convolution."""
+    from netforge.layers.vision import Convolution
+
+    for fuse in (False, True):
+        net, _, _ = _pooled_run(monkeypatch, fuse)
+        seen: list[int] = []
+        order: list[str] = []
+        real = Convolution.backward_pooled if fuse else Convolution.backward
+
+        def traced(self: Convolution, *args: Any, real: Any = real, order: list[str] = order,
+                   seen: list[int] = seen) -> Any:
+            order.append(f"{self.name}@{len(seen)}")
+            return real(self, *args)
+
+        monkeypatch.setattr(Convolution, "backward_pooled" if fuse else "backward", traced)
+        net.forward()
+        net.backward(seen.append)
+        assert seen == list(reversed(range(len(net.layers))))
+        # conv2 (index 3) runs after ready(4) and before ready(3); conv1 likewise
+        assert order == [f"conv2@{len(net.layers) - 4}", f"conv1@{len(net.layers) - 2}"]

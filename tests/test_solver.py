@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -174,6 +175,90 @@ def test_diff_holds_the_update_value_after_a_step(kind: str) -> None:
     if kind == "SGD":
         for i, p in enumerate(solver.net.params["ip"]):
             np.testing.assert_array_equal(p.diff, solver.history[i])
+
+
+EARLY_NET = """
+layer { name: "input" type: "Input" top: "data" top: "label"
+        input_param { shape { dim: 8 dim: 3 dim: 10 dim: 10 } shape { dim: 8 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" }
+                            bias_filler { type: "gaussian" } } }
+layer { name: "pool" type: "Pooling" bottom: "conv" top: "pool"
+        pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "ip_a" type: "InnerProduct" bottom: "pool" top: "a"
+        param { name: "shared" } param { lr_mult: 2 decay_mult: 0 }
+        inner_product_param { num_output: 64 weight_filler { type: "xavier" } } }
+layer { name: "relu" type: "ReLU" bottom: "a" top: "a" }
+layer { name: "ip_b" type: "InnerProduct" bottom: "a" top: "b"
+        param { name: "shared" } param { lr_mult: 2 decay_mult: 0 }
+        inner_product_param { num_output: 64 weight_filler { type: "xavier" } } }
+layer { name: "ip_out" type: "InnerProduct" bottom: "b" top: "out"
+        inner_product_param { num_output: 5 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "out" bottom: "label" top: "loss" }
+"""
+
+
+def early_solver(extra: str = "", workers: int = 2) -> Solver:
+    """EARLY_NET (a weight shared by two InnerProduct layers: its gradient is final only
+    after the first) on fixed inputs, SGD with momentum and decay, float32."""
+    sp = solver_param(f"net_param {{ {EARLY_NET} }} base_lr: 0.1 momentum: 0.9 "
+                      f"weight_decay: 0.01 lr_policy: 'step' stepsize: 2 gamma: 0.5 "
+                      f"random_seed: 3 {extra}")
+    backend = NumpyBackend("float32", workers=workers)
+    backend.parallel_min = backend.compiled_min = 0  # split and compile even this small net
+    solver = Solver(sp, backend=backend, verbose=False)
+    rng = np.random.default_rng(4)
+    solver.net.blobs["data"].data[...] = rng.normal(size=(8, 3, 10, 10))
+    solver.net.blobs["label"].data[...] = rng.integers(0, 5, size=8)
+    return solver
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sgd_updates_a_param_as_soon_as_its_gradient_is_final(
+        monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    """step() hands SGD's update of each param to the backend once backward has passed the
+    first layer that uses it (a shared weight: the first of its two layers), so it runs beside
+    the next layer's backward: the same bits as updating every param after backward."""
+    runs = []
+    for early in (False, True):
+        monkeypatch.setattr(Solver, "EARLY_UPDATE", early)
+        solver = early_solver(workers=workers)
+        later: list[Any] = []
+        real = solver.backend.later
+
+        def counted(task: Any, real: Any = real, later: list[Any] = later) -> None:
+            later.append(task)
+            real(task)
+
+        monkeypatch.setattr(solver.backend, "later", counted)
+        solver.step(5)
+        assert len(later) == (5 * len(solver.params) if early else 0)
+        runs.append([a.tobytes() for p, h in zip(solver.params, solver.history, strict=True)
+                     for a in (p.blob.data, p.blob.diff, h)])
+    assert runs[0] == runs[1]
+    solver = early_solver(workers=workers)
+    names = [f"{p.layer}[{p.index}]" for p in solver.params]
+    assert names == ["conv[0]", "conv[1]", "ip_a[0]", "ip_a[1]", "ip_b[1]", "ip_out[0]",
+                     "ip_out[1]"]
+    layer = solver.net.layer_by_name
+    assert solver.net.param_ready_at() == [layer["conv"]] * 2 + [layer["ip_a"]] * 2 + [
+        layer["ip_b"], layer["ip_out"], layer["ip_out"]]
+
+
+@pytest.mark.parametrize("extra", ["iter_size: 2", "clip_gradients: 10",
+                                   "regularization_type: 'L1'", "type: 'Nesterov'"])
+def test_sgd_updates_after_backward_where_it_must(extra: str) -> None:
+    """No updates during backward with iter_size > 1 (a gradient sums several passes),
+    gradient clipping (it needs all of them), L1 decay or another solver type, or a net whose
+    backward was wrapped (debug_info logs the gradients after it)."""
+    solver = early_solver()
+    assert solver._update_when_ready() is not None
+    solver._early = None
+    assert early_solver(extra)._update_when_ready() is None
+    from netforge.guards import enable_debug_info
+
+    enable_debug_info(solver)
+    assert solver._update_when_ready() is None
 
 
 def test_sgd_l1_and_multipliers() -> None:

@@ -75,14 +75,24 @@ class Backend(ABC):
         return nullcontext()
 
     def parallel(self, fn: Callable[[int, int], T], count: int, cost: int = 0,
-                 deferred: bool = False) -> list[T]:
+                 deferred: bool = False, balanced: bool = False) -> list[T]:
         """[fn(worker, k) for k in range(count)]: part k runs on worker k mod ``workers``
         (worker 0 being the caller), the workers concurrently. ``cost`` is the work of all the
         parts, in batch_parts' units (a single big part may use the device's own threads).
         ``deferred``: each part begins with a compiled call (conv_*, pooling, ReLU, matmul),
         which may start the other workers itself (NumpyBackend: once it has let go of the
-        GIL)."""
+        GIL). ``balanced``: the parts share out their items (shares_work), so a worker that
+        starts late does fewer of them: such a job takes the tasks waiting in ``later``."""
         return [fn(0, k) for k in range(count)]
+
+    def later(self, task: Callable[[], None]) -> None:
+        """Run ``task`` now or, on a backend with workers, beside the next balanced parallel
+        job (on a worker other than the caller) or at finish_later(): for work that must be
+        done before finish_later() returns but need not hold up the caller until then."""
+        task()
+
+    def finish_later(self) -> None:  # noqa: B027 - nothing waits by default
+        """Run every task given to ``later`` that has not run yet."""
 
     # -- arrays -------------------------------------------------------------------------------
     def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> Any:

@@ -45,8 +45,18 @@ class NumpyBackend(Backend):
     wide_min = 1 << 22
 
     def parallel(self, fn: Callable[[int, int], T], count: int, cost: int = 0,
-                 deferred: bool = False) -> list[T]:
-        return self._pool.run(fn, count, wide=cost >= self.wide_min, deferred=deferred)
+                 deferred: bool = False, balanced: bool = False) -> list[T]:
+        return self._pool.run(fn, count, wide=cost >= self.wide_min, deferred=deferred,
+                              balanced=balanced)
+
+    def later(self, task: Callable[[], None]) -> None:
+        if self._pool.workers > 1:
+            self._pool.later(task)
+        else:
+            task()
+
+    def finish_later(self) -> None:
+        self._pool.finish_later()
 
     def running(self) -> AbstractContextManager[None]:
         return self._pool.running()
@@ -175,7 +185,8 @@ class NumpyBackend(Backend):
             return
         work = kernels.work_counter(even_slices(items, self.workers))
         self.parallel(lambda _, k: kernel(*arrays, *args, post=self._pool.take_post(),
-                                          claim=work), self.workers, cost, deferred=True)
+                                          claim=work), self.workers, cost, deferred=True,
+                      balanced=True)
 
     def max_pool(self, x: np.ndarray, best: np.ndarray, arg: np.ndarray,
                  geometry: tuple[int, ...]) -> None:

@@ -83,12 +83,14 @@ POLL_S = 1e-3
 
 
 class _Job:
-    __slots__ = ("count", "errors", "fn", "number", "results", "width")
+    __slots__ = ("count", "errors", "fn", "number", "results", "side", "width")
 
-    def __init__(self, number: int, fn: Callable[[int, int], Any], count: int, width: int):
+    def __init__(self, number: int, fn: Callable[[int, int], Any], count: int, width: int,
+                 side: list[Callable[[], None]]):
         self.number, self.fn, self.count, self.width = number, fn, count, width
         self.results: list[Any] = [None] * count
         self.errors: list[BaseException] = []
+        self.side = side  # tasks worker 1 runs before its parts (BatchPool.later)
 
 
 class BatchPool:
@@ -122,6 +124,7 @@ class BatchPool:
         self._caller_asleep = False  # the caller asleep on _wake, waiting for its helpers
         self._flags = np.zeros(8 * max(self.workers, 1), dtype=np.int64)
         self._job: _Job | None = None
+        self._waiting = threading.local()  # .tasks: this thread's tasks for later()
 
     def _start(self) -> None:
         with self._start_lock:
@@ -165,6 +168,12 @@ class BatchPool:
             job = self._job
             assert job is not None
             seen = job.number
+            if slot == 1:
+                for task in job.side:
+                    try:
+                        task()
+                    except BaseException as e:
+                        job.errors.append(e)
             for k in range(slot, job.count, job.width):
                 try:
                     job.results[k] = job.fn(slot, k)
@@ -191,13 +200,37 @@ class BatchPool:
         finally:
             self._blas_threads(previous)
 
+    def later(self, task: Callable[[], None]) -> None:
+        """Run ``task`` (a call that lets go of the GIL, such as a compiled kernel) on worker
+        1 at the start of the next ``balanced`` job, before its parts, or on the caller at
+        finish_later(), whichever comes first. For work that may wait but should not hold up
+        the caller: a job whose workers share out its items absorbs it (the caller takes more
+        of them), where after the job it would run on one core with the other idle. Each
+        thread's tasks wait for that thread's jobs (a job ends before run() returns, so they
+        are done by then)."""
+        self._tasks().append(task)
+
+    def _tasks(self) -> list[Callable[[], None]]:
+        tasks = getattr(self._waiting, "tasks", None)
+        if tasks is None:
+            tasks = self._waiting.tasks = []
+        return tasks
+
+    def finish_later(self) -> None:
+        """Run, here and now, this thread's tasks that no job has taken (see later)."""
+        tasks, self._waiting.tasks = self._tasks(), []
+        for task in tasks:
+            task()
+
     def run(self, fn: Callable[[int, int], T], count: int, wide: bool = False,
-            deferred: bool = False) -> list[T]:
+            deferred: bool = False, balanced: bool = False) -> list[T]:
         """[fn(k % W, k) for k in range(count)], the workers running concurrently; worker w
         handles its parts in increasing order. The first exception raised is re-raised once
         every worker has stopped. A single ``wide`` part (a big batch of one) gets every
         core's BLAS. ``deferred``: the caller's first part starts the other workers itself,
-        with ``take_post`` (see there), at the latest when it returns."""
+        with ``take_post`` (see there), at the latest when it returns. ``balanced``: the
+        parts share out the job's items between the workers (a worker that starts later does
+        fewer), so the tasks waiting for a job (later) go to it."""
         w = min(self.workers, count)
         slot = getattr(_inside, "slot", None)
         if slot is not None:
@@ -217,7 +250,7 @@ class BatchPool:
             # runs its parts by itself rather than queue behind it.
             return [fn(0, k) for k in range(count)]
         try:
-            return self._run_job(fn, count, w, deferred and DEFER)
+            return self._run_job(fn, count, w, deferred and DEFER, balanced)
         finally:
             self._busy.release()
 
@@ -242,11 +275,14 @@ class BatchPool:
                 self._wake.notify_all()
 
     def _run_job(self, fn: Callable[[int, int], T], count: int, w: int,
-                 deferred: bool = False) -> list[T]:
+                 deferred: bool = False, balanced: bool = False) -> list[T]:
         if not self._threads:
             self._start()
         previous_job = self._job.number if self._job is not None else 0
-        job = self._job = _Job(previous_job + 1, fn, count, w)
+        side: list[Callable[[], None]] = []
+        if balanced and self._tasks():
+            side, self._waiting.tasks = self._waiting.tasks, []
+        job = self._job = _Job(previous_job + 1, fn, count, w, side)
         _inside.post = job.number
         if not (deferred and kernels.AVAILABLE) or self._sleepers:
             self.post_pending()

@@ -533,7 +533,8 @@ class Convolution(_ConvolutionBase):
             self.backend.conv_forward_shifted(x, w, bias, out, scratch, self.geom.flat,
                                               claim=claim, pool=pool)
 
-        self.backend.parallel(run, self.backend.workers, self._cost(x), deferred=True)
+        self.backend.parallel(run, self.backend.workers, self._cost(x), deferred=True,
+                              balanced=True)
         return cols
 
     def _backward_shared(self, t: Blob, b: Blob, i: int, down: bool, cols: Any,
@@ -554,7 +555,7 @@ class Convolution(_ConvolutionBase):
                 x, dy, w, dw, db, dx, made, self.geom.flat, cols is None, chunks=chunks,
                 claim=claim, scratch=self.buffer(f"dcol.{slot}", (1, *shape)), pool=pool)
 
-        self.backend.parallel(run, workers, self._cost(x), deferred=True)
+        self.backend.parallel(run, workers, self._cost(x), deferred=True, balanced=True)
         self._accumulate([(dw[c], None if db is None else db[c]) for c in range(len(chunks))])
 
     # -- MAX pooling inside the convolution (Net: a Pooling layer that alone reads the top) -----
