@@ -16,7 +16,9 @@ With numba, the row-shift convolutions, pooling and ReLU go further: every worke
 same call with one work array and takes items (images, blocks) left in the others' parts once
 its own are done (kernels.work_counter, Backend.shares_work), so a worker that starts late or
 runs on a slower core does less instead of the others waiting for it; sums over images are
-still made per fixed part and added in part order.
+still made per fixed part and added in part order. Such a job (``balanced``) also takes the
+tasks handed to ``later`` (the solver's updates of params whose gradients are final): worker 1
+runs them first, and the others take more of the job's items meanwhile.
 
 OpenBLAS's per-thread thread count (``openblas_set_num_threads_local``, OpenBLAS ≥ 0.3.27) is
 what makes this safe; where it cannot be found (another BLAS), one worker is used and the
