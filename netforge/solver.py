@@ -38,17 +38,20 @@ _LEGACY_TYPES = {pb.SolverParameter.SGD: "SGD", pb.SolverParameter.NESTEROV: "Ne
                  pb.SolverParameter.ADADELTA: "AdaDelta", pb.SolverParameter.ADAM: "Adam"}
 
 
-def learning_rate(sp: pb.SolverParameter, it: int, current_step: int = 0) -> tuple[float, int]:
+def learning_rate(sp: pb.SolverParameter, it: int, current_step: int = 0,
+                  announce: bool = True) -> tuple[float, int]:
     """(rate, current_step) after ``it`` updates: SGDSolver::GetLearningRate, plus netforge's
-    ``cosine`` policy and linear warm-up (``warmup_iter``)."""
-    rate, current_step = _policy_rate(sp, it, current_step)
+    ``cosine`` policy and linear warm-up (``warmup_iter``). ``announce``: log multistep's
+    advances, as Caffe does."""
+    rate, current_step = _policy_rate(sp, it, current_step, announce)
     if it < sp.warmup_iter:
         start = sp.warmup_start_factor
         rate *= start + (1.0 - start) * it / sp.warmup_iter
     return rate, current_step
 
 
-def _policy_rate(sp: pb.SolverParameter, it: int, current_step: int) -> tuple[float, int]:
+def _policy_rate(sp: pb.SolverParameter, it: int, current_step: int,
+                 announce: bool) -> tuple[float, int]:
     policy = sp.lr_policy
     base = sp.base_lr
     if policy == "fixed":
@@ -63,7 +66,8 @@ def _policy_rate(sp: pb.SolverParameter, it: int, current_step: int) -> tuple[fl
     if policy == "multistep":
         if current_step < len(sp.stepvalue) and it >= sp.stepvalue[current_step]:
             current_step += 1
-            log.info("MultiStep Status: Iteration %d, step = %d", it, current_step)
+            if announce:
+                log.info("MultiStep Status: Iteration %d, step = %d", it, current_step)
         return base * sp.gamma ** current_step, current_step
     if policy == "poly":
         return base * (1.0 - it / sp.max_iter) ** sp.power, current_step
@@ -445,7 +449,8 @@ class Solver:
             for k, first in enumerate(self.net.param_ready_at()):
                 self._ready_at.setdefault(first, []).append(k)
         self._prepare_scratch()
-        rate, self.current_step = learning_rate(sp, self.iter, self.current_step)
+        # apply_update takes the step (and logs a multistep advance) in Caffe's place in the log
+        rate, _ = learning_rate(sp, self.iter, self.current_step, announce=False)
         done: set[int] = set()
         self._early = (rate, done)
 
@@ -465,11 +470,11 @@ class Solver:
     def apply_update(self, display: bool = False) -> None:
         sp = self.param
         done: set[int] = set()
+        rate, self.current_step = learning_rate(sp, self.iter, self.current_step)
         if self._early is not None:  # step() made some of the updates in backward
-            (rate, done), self._early = self._early, None
+            (early_rate, done), self._early = self._early, None
+            assert early_rate == rate
             self.backend.finish_later()
-        else:
-            rate, self.current_step = learning_rate(sp, self.iter, self.current_step)
         if display:
             log.info("Iteration %d, lr = %s", self.iter, fmt(rate))
         self._clip_gradients()

@@ -245,6 +245,24 @@ def test_sgd_updates_a_param_as_soon_as_its_gradient_is_final(
         layer["ip_b"], layer["ip_out"], layer["ip_out"]]
 
 
+def test_updates_in_backward_keep_caffes_log_order(caplog: pytest.LogCaptureFixture) -> None:
+    """With the updates made during backward, a multistep advance is still logged after the
+    iteration's loss line and before its learning rate line, as Caffe logs them."""
+    solver = early_solver("display: 1")
+    solver.param.lr_policy, solver.param.gamma = "multistep", 0.5
+    solver.param.stepvalue.extend([2])
+    assert solver._update_when_ready() is not None
+    solver._early = None
+    with caplog.at_level(logging.INFO, logger="netforge"):
+        solver.step(3)
+    lines = [r.getMessage() for r in caplog.records]
+    loss = next(i for i, m in enumerate(lines) if m.startswith("Iteration 2 (") and "loss" in m)
+    status = lines.index("MultiStep Status: Iteration 2, step = 1")
+    rate = next(i for i, m in enumerate(lines) if m.startswith("Iteration 2, lr = "))
+    assert loss < status < rate
+    assert lines[rate] == "Iteration 2, lr = 0.05"
+
+
 @pytest.mark.parametrize("extra", ["iter_size: 2", "clip_gradients: 10",
                                    "regularization_type: 'L1'", "type: 'Nesterov'"])
 def test_sgd_updates_after_backward_where_it_must(extra: str) -> None:
