@@ -859,19 +859,26 @@ if AVAILABLE:
 
     @njit(nogil=True, cache=True)
     def _channel_sums(dy: Any, db: Any) -> None:
-        """db (O,) = Σ over images and pixels of dy (N, O, P): 16 running sums per channel
-        (vectorized), added up at the end."""
+        """db (O,) = Σ over images and pixels of dy (N, O, P): summed over the images pixel by
+        pixel first (vectorized: one add per element, not a chain of them), then 16 running
+        sums over each channel's pixels, added up at the end. (Running sums per image took
+        ~3 ns per element: LeNet's conv1, 32 images, 100 µs of a 320 µs backward.)"""
         n_img, o_n, p = dy.shape
-        lanes = np.zeros((o_n, 16), dy.dtype)
-        head = p - p % 16
+        pixels = np.zeros((o_n, p), dy.dtype)
         for n in range(n_img):
             for o in range(o_n):
-                line, acc = dy[n, o], lanes[o]
-                for q0 in range(0, head, 16):
-                    for lane in range(16):
-                        acc[uintp(lane)] += line[uintp(q0 + lane)]
-                for q in range(head, p):
-                    acc[0] += line[q]
+                line, acc = dy[n, o], pixels[o]
+                for q in range(p):
+                    acc[uintp(q)] += line[uintp(q)]
+        lanes = np.zeros((o_n, 16), dy.dtype)
+        head = p - p % 16
+        for o in range(o_n):
+            line, acc = pixels[o], lanes[o]
+            for q0 in range(0, head, 16):
+                for lane in range(16):
+                    acc[uintp(lane)] += line[uintp(q0 + lane)]
+            for q in range(head, p):
+                acc[0] += line[q]
         for o in range(o_n):
             total = lanes.dtype.type(0.0)
             for lane in range(16):
