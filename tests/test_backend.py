@@ -1047,6 +1047,8 @@ SHIFTED = [  # n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw: stride 1 in height
     BIG[2],
     (3, 4, 10, 9, 3, 3, 1, 2, 2, 5, 1, 2),  # columns of x wholly in the padding
     (2, 3, 6, 7, 1, 1, 1, 1, 0, 0, 1, 1),
+    (3, 1, 11, 10, 5, 5, 1, 2, 2, 1, 1, 1),  # few inputs per output: Caffe's full columns
+    (2, 2, 9, 12, 2, 3, 1, 1, 1, 0, 2, 2),
 ]
 
 
@@ -1087,17 +1089,24 @@ def test_shifted_columns_hold_caffes_columns_row_by_row(case: tuple[int, ...],
 
 
 @fused_available
+@pytest.mark.parametrize("full", [True, False])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("case", SHIFTED)
-def test_fused_shifted_convolution_matches_the_numpy_steps(case: tuple[int, ...],
-                                                           dtype: str) -> None:
+def test_fused_shifted_convolution_matches_the_numpy_steps(case: tuple[int, ...], dtype: str,
+                                                           full: bool,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
     """conv_forward_shifted / conv_backward_shifted as one compiled call per part (per image:
-    the columns, kh GEMMs accumulating in place, the bias; backward the weight gradient per
-    window, the bias gradient, the column gradient and its col2im) against the Backend
-    defaults' NumPy steps and a convolution made from Caffe's columns: with every image's
-    columns kept and with one image's scratch, with and without a bias and the bottom
+    the columns, kh GEMMs accumulating in place, the bias, or with few inputs per output and
+    ``full`` one GEMM over Caffe's columns copied from them, the bias folded in; backward the
+    weight gradient per window, the bias gradient, the column gradient and its col2im) against
+    the Backend defaults' NumPy steps and a convolution made from Caffe's columns: with every
+    image's columns kept and with one image's scratch, with and without a bias and the bottom
     gradient."""
+    from netforge.backend import kernels
     from netforge.backend.base import Backend, conv_out_size
+
+    monkeypatch.setattr(kernels, "FULL_COLUMNS", full)
 
     n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw = case
     geometry = case[4:]
