@@ -55,27 +55,36 @@ class InnerProduct(Layer):
         y = top[0].data.reshape(-1, self.num_output)
         w = self.blobs[0].data
         b = self.blobs[1].data if self.bias_term else None
-        parts = self._parts(x.shape[0])
-        xp = self.xp
+        cost, xp = self._cost(x.shape[0]), self.xp
+        # each part starts with backend.matmul, which starts the other workers (deferred)
+        if self.transpose:
+            parts = self._parts(x.shape[0])
 
-        def run(slot: int, k: int) -> None:
-            part = parts[k]
-            if self.transpose:
+            def run_images(slot: int, k: int) -> None:
+                part = parts[k]
                 self.backend.matmul(x[part], w, y[part])
                 if b is not None:
                     y[part] += b
-                return
-            # W · xᵀ, then transposed into y (with the bias, in one pass): OpenBLAS runs this
-            # orientation faster than x · Wᵀ (LeNet's ip1, half a batch: 0.34 vs 0.46 ms).
-            yt = self.buffer(f"yt.{slot}", (self.num_output, part.stop - part.start))
-            self.backend.matmul(w, x[part].T, yt)
-            if b is not None:
-                xp.add(yt.T, b, out=y[part])
-            else:
-                y[part] = yt.T
 
-        # each part starts with backend.matmul, which starts the other workers (deferred)
-        self.backend.parallel(run, len(parts), self._cost(x.shape[0]), deferred=True)
+            self.backend.parallel(run_images, len(parts), cost, deferred=True)
+            return
+        # W · xᵀ a block of W's rows per part, each transposed into its columns of y with the
+        # bias in one pass: OpenBLAS runs this orientation faster than x · Wᵀ (LeNet's ip1,
+        # half the work: 0.34 vs 0.46 ms), and each worker reads only its rows of W, which a
+        # training step brings from memory (LeNet's ip1 in a step 0.03 ms faster than by halves
+        # of the batch, 17 of 20 in-process A/B rounds).
+        rows = even_slices(self.num_output, len(self._parts(x.shape[0])))
+
+        def run(slot: int, k: int) -> None:
+            r = rows[k]
+            yt = self.buffer(f"yt.{slot}", (r.stop - r.start, x.shape[0]))
+            self.backend.matmul(w[r], x.T, yt)
+            if b is not None:
+                xp.add(yt.T, b[r], out=y[:, r])
+            else:
+                y[:, r] = yt.T
+
+        self.backend.parallel(run, len(rows), cost, deferred=True)
 
     def backward(self, top: Sequence[Blob], propagate_down: Sequence[bool],
                  bottom: Sequence[Blob]) -> None:
