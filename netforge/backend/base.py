@@ -311,6 +311,30 @@ class Backend(ABC):
         if bias is not None:
             y += bias.reshape(1, -1, 1)
 
+    def conv_forward_shifted_call(self, x: Any, w: Any, bias: Any, y: Any, cols: Any,
+                                  geometry: tuple[int, ...], pool: Any = None
+                                  ) -> Callable[[Any], None]:
+        """conv_forward_shifted on these arrays as a call that takes ``claim``, for a layer that
+        makes it once and calls it at each iteration while its arrays stay the same: a backend
+        does its checks and argument work here, once (the call runs on one thread at a
+        time)."""
+        def call(claim: Any) -> None:
+            self.conv_forward_shifted(x, w, bias, y, cols, geometry, claim, pool)
+
+        return call
+
+    def conv_backward_shifted_call(self, x: Any, dy: Any, w: Any, dw: Any, db: Any, dx: Any,
+                                   cols: Any, geometry: tuple[int, ...], recompute: bool,
+                                   chunks: Sequence[slice] | None = None, scratch: Any = None,
+                                   pool: Any = None) -> Callable[[Any], None]:
+        """conv_backward_shifted as a call that takes ``claim`` (see
+        conv_forward_shifted_call)."""
+        def call(claim: Any) -> None:
+            self.conv_backward_shifted(x, dy, w, dw, db, dx, cols, geometry, recompute, chunks,
+                                       claim, scratch, pool)
+
+        return call
+
     def conv_backward_shifted(self, x: Any, dy: Any, w: Any, dw: Any, db: Any, dx: Any,
                               cols: Any, geometry: tuple[int, ...], recompute: bool,
                               chunks: Sequence[slice] | None = None, claim: Any = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -1115,8 +1116,16 @@ def conv_forward_shifted(gemm: Any, x: np.ndarray, w: np.ndarray, bias: np.ndarr
     shared by concurrent calls, 0 before the first) only the images this call takes from
     it, one at a time. ``pool`` = (geometry, best, arg or None): each image's output is then
     MAX-pooled as max_pool(y, best, arg, geometry) would (``arg`` None: max_pool_values)."""
-    if claim is None:
-        claim = work_counter([slice(0, x.shape[0])])
+    conv_forward_shifted_call(gemm, x, w, bias, y, cols, geometry, oh, ow, pool)(post, claim)
+
+
+def conv_forward_shifted_call(gemm: Any, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
+                              y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...],
+                              oh: int, ow: int, pool: tuple[Any, ...] | None = None
+                              ) -> Callable[[tuple[np.ndarray, int], np.ndarray | None], None]:
+    """conv_forward_shifted's argument work (views, the pooling's bounds, the compiled kernel)
+    done once: the returned call(post, claim) runs it on these arrays, on one thread at a
+    time (a pooling with windows past the edge has scratch of its own in it)."""
     kind, pooled = "conv_shifted", NO_POOL
     if pool is not None:
         pool_geometry, best, arg = pool
@@ -1127,8 +1136,14 @@ def conv_forward_shifted(gemm: Any, x: np.ndarray, w: np.ndarray, bias: np.ndarr
         pooled = (best, more[0] if more else NO_ARG, *y4.shape[1:],
                   *_max_pool_args(y4, best, pool_geometry))
     full = FULL_COLUMNS and w[0].size <= FULL_COLUMNS_MAX
-    _kernel(kind, geometry)(gemm, x, w, w[0, 0, 0] if bias is None else bias, bias is not None,
-                            full, y, cols, oh, ow, claim, *post, *pooled)
+    kernel, n = _kernel(kind, geometry), x.shape[0]
+    head = (gemm, x, w, w[0, 0, 0] if bias is None else bias, bias is not None, full, y, cols,
+            oh, ow)
+
+    def call(post: tuple[np.ndarray, int], claim: np.ndarray | None) -> None:
+        kernel(*head, work_counter([slice(0, n)]) if claim is None else claim, *post, *pooled)
+
+    return call
 
 
 def conv_backward_shifted(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
@@ -1148,11 +1163,23 @@ def conv_backward_shifted(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarra
     (geometry, pdy, arg): dy is the bottom gradient of the MAX pooling with top gradient pdy
     and argmax ``arg``, made here image by image (max_pool_backward's values) and written into
     ``dy``."""
+    conv_backward_shifted_call(gemm, x, dy, w, dw, db, dx, cols, recompute, geometry, oh, ow,
+                               bounds, scratch, pool)(post, claim)
+
+
+def conv_backward_shifted_call(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
+                               dw: np.ndarray, db: np.ndarray | None, dx: np.ndarray | None,
+                               cols: np.ndarray, recompute: bool, geometry: tuple[int, ...],
+                               oh: int, ow: int, bounds: np.ndarray | None = None,
+                               scratch: np.ndarray | None = None,
+                               pool: tuple[Any, ...] | None = None
+                               ) -> Callable[[tuple[np.ndarray, int], np.ndarray | None], None]:
+    """conv_backward_shifted's argument work done once: the returned call(post, claim) runs it
+    on these arrays, on one thread at a time (``scratch``, and with ``pool`` the copy of an
+    image's top gradient, are its own)."""
     if bounds is None:
         bounds = np.array([0, dy.shape[0]], np.int64)
         dw, db = dw[None], None if db is None else db[None]
-    if claim is None:
-        claim = work_counter([slice(0, dy.shape[0])])
     if scratch is None:
         scratch = np.empty((1, *cols.shape[1:]), cols.dtype)
     kind, unpooled = "conv_shifted_backward", (*NO_UNPOOL, np.zeros((1, 1), dy.dtype))
@@ -1161,12 +1188,18 @@ def conv_backward_shifted(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarra
         dy4, pdy, arg = _stacked(dy.reshape(dy.shape[0], dy.shape[1], oh, ow), pdy,
                                  pool_geometry, arg)
         kind, geometry = "conv_shifted_backward_max", (*geometry, *pool_geometry)
-        unpooled = (np.ascontiguousarray(pdy), arg, *dy4.shape[1:], np.empty(dy.shape[1:],
-                                                                             dy.dtype))
-    _kernel(kind, geometry)(
-        gemm, x, dy, w, dw, dw[:, 0, 0, 0] if db is None else db, db is not None,
-        x if dx is None else dx, dx is not None, cols, recompute, oh, ow, bounds, claim,
-        scratch, *post, *unpooled)
+        unpooled = (pdy, arg, *dy4.shape[1:], np.empty(dy.shape[1:], dy.dtype))
+    kernel, n = _kernel(kind, geometry), dy.shape[0]
+    head = (gemm, x, dy, w, dw, dw[:, 0, 0, 0] if db is None else db, db is not None,
+            x if dx is None else dx, dx is not None, cols, recompute, oh, ow, bounds)
+    copy = not unpooled[0].flags.c_contiguous  # a pooling top gradient copied at each call
+
+    def call(post: tuple[np.ndarray, int], claim: np.ndarray | None) -> None:
+        tail = (np.ascontiguousarray(unpooled[0]), *unpooled[1:]) if copy else unpooled
+        kernel(*head, work_counter([slice(0, n)]) if claim is None else claim, scratch, *post,
+               *tail)
+
+    return call
 
 
 def conv_backward_images(gemm: Any, x: np.ndarray, dy: np.ndarray, w: np.ndarray,

@@ -231,15 +231,19 @@ class NumpyBackend(Backend):
     def _fused_gemm(self, *arrays: np.ndarray | None) -> Any:
         """CBLAS's GEMM for the arrays' dtype when the fused kernels can run on them. When
         they cannot, a deferred job's helpers are started here."""
-        first = arrays[0]
-        assert first is not None
-        gemm = None
-        if self.use_compiled(first.size) and _contiguous(*arrays) and all(
-                a is None or a.dtype == first.dtype for a in arrays):
-            gemm = blas.gemm_for(first.dtype)
+        gemm = self._gemm_for(*arrays)
         if gemm is None:
             self._pool.post_pending()
         return gemm
+
+    def _gemm_for(self, *arrays: np.ndarray | None) -> Any:
+        """_fused_gemm without starting any helpers."""
+        first = arrays[0]
+        assert first is not None
+        if self.use_compiled(first.size) and _contiguous(*arrays) and all(
+                a is None or a.dtype == first.dtype for a in arrays):
+            return blas.gemm_for(first.dtype)
+        return None
 
     # Below this many multiply-adds NumPy's matmul (~8 µs for 0.3 M) beats the compiled call's
     # overhead (~10 µs more, mostly numba's dispatch).
@@ -343,34 +347,64 @@ class NumpyBackend(Backend):
     def conv_forward_shifted(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
                              y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...],
                              claim: Any = None, pool: Any = None) -> None:
-        gemm = self._fused_gemm(y, x, w, bias, cols)
-        if gemm is None:
-            super().conv_forward_shifted(x, w, bias, y, cols, geometry, claim, pool)
-        else:
-            kernels.conv_forward_shifted(gemm, x, w, bias, y, cols, geometry,
-                                         *self._out_hw(x, geometry), self._pool.take_post(),
-                                         claim, pool)
+        self.conv_forward_shifted_call(x, w, bias, y, cols, geometry, pool)(claim)
+
+    def conv_forward_shifted_call(self, x: np.ndarray, w: np.ndarray, bias: np.ndarray | None,
+                                  y: np.ndarray, cols: np.ndarray, geometry: tuple[int, ...],
+                                  pool: Any = None) -> Callable[[Any], None]:
+        gemm = self._gemm_for(y, x, w, bias, cols)
+        if gemm is None:  # the NumPy steps
+
+            def steps(claim: Any) -> None:
+                self._pool.post_pending()
+                Backend.conv_forward_shifted(self, x, w, bias, y, cols, geometry, claim, pool)
+
+            return steps
+        call = kernels.conv_forward_shifted_call(gemm, x, w, bias, y, cols, geometry,
+                                                 *self._out_hw(x, geometry), pool)
+        take_post = self._pool.take_post
+        return lambda claim: call(take_post(), claim)
 
     def conv_backward_shifted(self, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
                               dw: np.ndarray, db: np.ndarray | None, dx: np.ndarray | None,
                               cols: np.ndarray, geometry: tuple[int, ...], recompute: bool,
                               chunks: Sequence[slice] | None = None, claim: Any = None,
                               scratch: Any = None, pool: Any = None) -> None:
-        gemm = self._fused_gemm(dy, x, w, dw, db, dx, cols)
-        if gemm is None:
-            super().conv_backward_shifted(x, dy, w, dw, db, dx, cols, geometry, recompute,
-                                          chunks, claim, scratch, pool)
-            return
+        self.conv_backward_shifted_call(x, dy, w, dw, db, dx, cols, geometry, recompute,
+                                        None if claim is None else chunks, scratch, pool)(claim)
+
+    def conv_backward_shifted_call(self, x: np.ndarray, dy: np.ndarray, w: np.ndarray,
+                                   dw: np.ndarray, db: np.ndarray | None,
+                                   dx: np.ndarray | None, cols: np.ndarray,
+                                   geometry: tuple[int, ...], recompute: bool,
+                                   chunks: Sequence[slice] | None = None, scratch: Any = None,
+                                   pool: Any = None) -> Callable[[Any], None]:
+        gemm = self._gemm_for(dy, x, w, dw, db, dx, cols)
+        if gemm is None:  # the NumPy steps
+
+            def steps(claim: Any) -> None:
+                self._pool.post_pending()
+                Backend.conv_backward_shifted(self, x, dy, w, dw, db, dx, cols, geometry,
+                                              recompute, chunks, claim, scratch, pool)
+
+            return steps
         if not recompute and cols.shape[0] != dy.shape[0]:
             raise ValueError("conv_backward_shifted: kept columns for every image needed")
         bounds = None
-        if claim is not None:
-            if not chunks:
-                raise ValueError("conv_backward_shifted: shared work needs its chunks")
+        if chunks:
             bounds = np.array([c.start for c in chunks] + [chunks[-1].stop], np.int64)
-        kernels.conv_backward_shifted(gemm, x, dy, w, dw, db, dx, cols, recompute, geometry,
-                                      *self._out_hw(x, geometry), self._pool.take_post(),
-                                      bounds, claim, scratch, pool)
+        call = kernels.conv_backward_shifted_call(gemm, x, dy, w, dw, db, dx, cols, recompute,
+                                                  geometry, *self._out_hw(x, geometry), bounds,
+                                                  scratch, pool)
+        take_post = self._pool.take_post
+
+        def run(claim: Any) -> None:
+            if (claim is None) != (bounds is None):
+                raise ValueError("conv_backward_shifted: shared work needs its chunks, and "
+                                 "chunks a claim")
+            call(take_post(), claim)
+
+        return run
 
     # ReLU as one compiled pass per part of the flattened array, on every worker (NumPy's
     # expressions make temporaries and run on one core): cifar10_quick's three ReLUs (26 MB

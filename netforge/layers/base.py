@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -19,6 +19,8 @@ from netforge.backend.base import Backend
 from netforge.blob import Blob
 from netforge.errors import NetforgeError
 from netforge.proto import pb
+
+T = TypeVar("T")
 
 PHASE_TRAIN = pb.TRAIN
 PHASE_TEST = pb.TEST
@@ -114,14 +116,33 @@ class Layer(ABC):
         allocation in the hot loop). Keys name a role and, for batch-parallel layers, the
         worker. One block per key, grown to the largest shape asked for, so parts of different
         sizes or a changing batch size do not pile up buffers."""
+        bufs = self.__dict__.setdefault("_bufs", {})
+        views = self.__dict__.setdefault("_buf_views", {})
+        view = views.get(key)
+        if view is not None and view.shape == shape:  # the same object as last time
+            return view
         size = 1
         for d in shape:
             size *= d
-        bufs = self.__dict__.setdefault("_bufs", {})
         flat = bufs.get(key)
         if flat is None or flat.size < size:
             flat = bufs[key] = self.backend.empty((size,))
-        return flat[:size].reshape(shape)
+        view = views[key] = flat[:size].reshape(shape)
+        return view
+
+    def kept_call(self, key: str, arrays: tuple[Any, ...], values: tuple[Any, ...],
+                  make: Callable[[], T]) -> T:
+        """``make()``, kept under ``key`` and returned again while ``arrays`` are the same
+        objects and ``values`` equal those it was made for: a backend call made once with its
+        argument work (checks, views, layouts) done, not at every iteration."""
+        calls = self.__dict__.setdefault("_calls", {})
+        kept = calls.get(key)
+        if (kept is not None and kept[1] == values and len(kept[0]) == len(arrays)
+                and all(a is b for a, b in zip(kept[0], arrays, strict=True))):
+            return kept[2]  # type: ignore[no-any-return]
+        made = make()
+        calls[key] = (arrays, values, made)
+        return made
 
     def make_blob(self, shape: Sequence[int], name: str = "") -> Blob:
         return Blob(self.backend, tuple(int(s) for s in shape), name or self.name)

@@ -528,10 +528,16 @@ class Convolution(_ConvolutionBase):
         bias = self.blobs[1].data if self.bias_term else None
         out = y.reshape(n, self.conv_out, -1)
 
+        geometry = self.geom.flat
+        pool_arrays = () if pool is None else pool[1:]
+
         def run(slot: int, k: int) -> None:
             scratch = cols if cols is not None else self.buffer(f"col{i}.{slot}", (1, *shape))
-            self.backend.conv_forward_shifted(x, w, bias, out, scratch, self.geom.flat,
-                                              claim=claim, pool=pool)
+            self.kept_call(
+                f"forward{i}.{slot}", (x, w, bias, y, scratch, *pool_arrays),
+                (geometry, None if pool is None else pool[0]),
+                lambda: self.backend.conv_forward_shifted_call(x, w, bias, out, scratch,
+                                                               geometry, pool))(claim)
 
         self.backend.parallel(run, self.backend.workers, self._cost(x), deferred=True,
                               balanced=True)
@@ -549,11 +555,19 @@ class Convolution(_ConvolutionBase):
         dw = self.buffer("dw.chunks", (len(chunks), *self.blobs[0].shape))
         db = self.buffer("db.chunks", (len(chunks), self.conv_out)) if self.bias_term else None
 
+        geometry = self.geom.flat
+        pool_arrays = () if pool is None else pool[1:]
+
         def run(slot: int, k: int) -> None:
             made = cols if cols is not None else self.buffer(f"col{i}.{slot}", (1, *shape))
-            self.backend.conv_backward_shifted(
-                x, dy, w, dw, db, dx, made, self.geom.flat, cols is None, chunks=chunks,
-                claim=claim, scratch=self.buffer(f"dcol.{slot}", (1, *shape)), pool=pool)
+            scratch = self.buffer(f"dcol.{slot}", (1, *shape))
+            self.kept_call(
+                f"backward{i}.{slot}", (x, t.diff, w, dw, db, dx, made, scratch, *pool_arrays),
+                (geometry, None if pool is None else pool[0], cols is None,
+                 tuple((c.start, c.stop) for c in chunks)),
+                lambda: self.backend.conv_backward_shifted_call(
+                    x, dy, w, dw, db, dx, made, geometry, cols is None, chunks, scratch,
+                    pool))(claim)
 
         self.backend.parallel(run, workers, self._cost(x), deferred=True, balanced=True)
         self._accumulate([(dw[c], None if db is None else db[c]) for c in range(len(chunks))])
