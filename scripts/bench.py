@@ -11,8 +11,10 @@ medians of the per-step times are compared ("ratio"), and the median and quartil
 rounds' own ratios are printed beside it ("per round": a round times both back to back, so its
 ratio does not move with the machine's speed). Inference is timed the same way (LeNet
 TEST-phase forward, batch 100). The GEMM floor is the net's multiply-add work divided by the
-best sgemm rate measured here. PyTorch is optional: without it only netforge's numbers and the
-floor are printed.
+best sgemm rate measured here at the start ("vs floor": the median step over it); each round
+also takes a short sgemm sample, and the median and quartiles of the rounds' step over their
+own floor are printed beside it ("per round", free of the spell the start samples fell in).
+PyTorch is optional: without it only netforge's numbers and the floors are printed.
 """
 
 from __future__ import annotations
@@ -125,23 +127,26 @@ def torch_infer(name: str, batch: int) -> Callable[[], None]:
     return run
 
 
-def gemm_rate(samples: int = 6, seconds: float = 0.25) -> float:
-    """sgemm GFLOP/s on shapes like LeNet's conv2 (one big GEMM): the best of a few short
-    samples, a pause apart. On a shared VM one sample can land in a slow spell (a single 1 s
-    sample once read 100 instead of ~175 GFLOP/s), and the floor should be the machine's."""
+def gemm_sample(seconds: float) -> float:
+    """sgemm GFLOP/s on shapes like LeNet's conv2 (one big GEMM, NumPy's OpenBLAS on every
+    core) over ``seconds``, after a pause."""
     rng = np.random.default_rng(0)
     a = rng.random((512, 500), dtype=np.float32)
     b = rng.random((500, 4096), dtype=np.float32)
     a @ b
-    best = 0.0
-    for _ in range(samples):
-        time.sleep(SETTLE_S)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            a @ b
-            n += 1
-        best = max(best, 2 * 512 * 500 * 4096 * n / (time.perf_counter() - start) / 1e9)
-    return best
+    time.sleep(SETTLE_S)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * 512 * 500 * 4096 * n / (time.perf_counter() - start) / 1e9
+
+
+def gemm_rate(samples: int = 6, seconds: float = 0.25) -> float:
+    """The best of a few sgemm samples (gemm_sample), a pause apart. On a shared VM one sample
+    can land in a slow spell (a single 1 s sample once read 100 instead of ~175 GFLOP/s), and
+    the floor should be the machine's."""
+    return max(gemm_sample(seconds) for _ in range(samples))
 
 
 def gemm_flops(net: Net, train: bool) -> float:
@@ -183,8 +188,16 @@ SETTLE_S = 0.3
 WARM_STEPS = 3
 
 
+# Each round also takes a short sgemm sample, so that the rounds' own floors can be compared
+# with their step times (the "per round" column beside "vs floor").
+ROUND_GEMM_S = 0.1
+
+
 def interleaved(a: Callable[[], None], b: Callable[[], None] | None, rounds: int,
-                steps: int) -> tuple[list[float], list[float]]:
+                steps: int, rates: list[float] | None = None
+                ) -> tuple[list[float], list[float]]:
+    """Seconds per call of ``a`` and of ``b`` in each of ``rounds`` rounds (A B A B …), and
+    with ``rates`` each round's sgemm sample (GFLOP/s) appended to it."""
     ta: list[float] = []
     tb: list[float] = []
     for _ in range(2):  # warm-up
@@ -202,6 +215,8 @@ def interleaved(a: Callable[[], None], b: Callable[[], None] | None, rounds: int
             for _ in range(steps):
                 fn()
             out.append((time.perf_counter() - start) / steps)
+        if rates is not None:
+            rates.append(gemm_sample(ROUND_GEMM_S))
     return ta, tb
 
 
@@ -227,23 +242,27 @@ def main() -> int:
     print(f"sgemm: {rate:.1f} GFLOP/s")
     print()
     header = (f"{'benchmark':<{LABEL}}{'netforge':>12}{'pytorch':>12}{'ratio':>8}"
-              f"{'per round':>19}{'GEMM floor':>12}{'vs floor':>10}")
+              f"{'per round':>19}{'GEMM floor':>12}{'vs floor':>10}{'per round':>19}")
     print(header)
     print("-" * len(header))
     for name in NETS:
         solver = netforge_solver(name)
         flops = gemm_flops(solver.net, train=True)
+        rates: list[float] = []
         ta, tb = interleaved(lambda s=solver: s.step(1), torch_step(name) if have_torch else None,
-                             args.rounds, args.steps)
+                             args.rounds, args.steps, rates)
         solver.close()
-        row(f"{name} train step (b{NETS[name][1]})", ta, tb, flops / rate / 1e6)
+        row(f"{name} train step (b{NETS[name][1]})", ta, tb, flops / rate / 1e6,
+            [flops / r / 1e9 for r in rates])
     batch = 100
     net = Net(input_net("lenet", batch, pb.TEST), "TEST", verbose=False, seed=1)
     fill_inputs(net, batch, NETS["lenet"][2])
     flops = gemm_flops(net, train=False)
+    rates = []
     ta, tb = interleaved(net.forward, torch_infer("lenet", batch) if have_torch else None,
-                         args.rounds, args.steps)
-    row(f"lenet inference (b{batch})", ta, tb, flops / rate / 1e6)
+                         args.rounds, args.steps, rates)
+    row(f"lenet inference (b{batch})", ta, tb, flops / rate / 1e6,
+        [flops / r / 1e9 for r in rates])
     print(f"{'':<{LABEL}}{batch / statistics.median(ta):>10.0f}/s"
           + (f"{batch / statistics.median(tb):>10.0f}/s" if tb else "") + "  images/s")
     return 0
@@ -260,17 +279,23 @@ def paired_ratios(ta: list[float], tb: list[float]) -> tuple[float, float, float
     return q2, q1, q3
 
 
-def row(label: str, ta: list[float], tb: list[float], floor_ms: float) -> None:
+def row(label: str, ta: list[float], tb: list[float], floor_ms: float,
+        floors: list[float] | None = None) -> None:
+    """One line of the table; ``floors``: each round's GEMM floor (s) from its own sgemm
+    sample, for the median and quartiles of the rounds' step / floor."""
     a = median_ms(ta)
     b = median_ms(tb) if tb else float("nan")
     ratio = f"{a / b:>8.2f}" if tb else f"{'-':>8}"
+    rounds = "-"
     if tb:
         mid, q1, q3 = paired_ratios(ta, tb)
         rounds = f"{mid:.2f} ({q1:.2f}-{q3:.2f})"
-    else:
-        rounds = "-"
-    print(f"{label:<{LABEL}}{a:>10.2f}ms{b:>10.2f}ms{ratio}{rounds:>19}{floor_ms:>10.2f}ms"
-          f"{a / floor_ms:>10.2f}")
+    line = (f"{label:<{LABEL}}{a:>10.2f}ms{b:>10.2f}ms{ratio}{rounds:>19}{floor_ms:>10.2f}ms"
+            f"{a / floor_ms:>10.2f}")
+    if floors:
+        mid, q1, q3 = paired_ratios(ta, floors)
+        line += f"{f'{mid:.2f} ({q1:.2f}-{q3:.2f})':>19}"
+    print(line)
 
 
 if __name__ == "__main__":

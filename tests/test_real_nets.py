@@ -536,7 +536,8 @@ def test_log_curve_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 # -- scripts/bench.py -----------------------------------------------------------------------------
 def test_bench_rows_and_paired_ratios(capsys: pytest.CaptureFixture[str]) -> None:
     """The benchmark's ratio of medians and the median and quartiles of its per-round ratios
-    (rounds that ran in a slow spell of the machine move both frameworks' times together)."""
+    (rounds that ran in a slow spell of the machine move both frameworks' times together), and
+    likewise of each round's step over its own GEMM floor."""
     spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
@@ -550,3 +551,6 @@ def test_bench_rows_and_paired_ratios(capsys: pytest.CaptureFixture[str]) -> Non
                                                "0.50", "(0.49-0.55)", "5.00ms", "2.40"]
     bench.row("alone", ta, [], 5.0)
     assert capsys.readouterr().out.split()[1:4] == ["12.00ms", "nanms", "-"]
+    # each round's step over that round's own floor (from its sgemm sample)
+    bench.row("lenet", ta, tb, 5.0, [0.005, 0.010, 0.005, 0.010, 0.006])
+    assert capsys.readouterr().out.split()[-2:] == ["2.00", "(2.00-2.20)"]
