@@ -577,6 +577,64 @@ def test_pooling_the_convolution_cannot_take_runs_on_its_own(
     assert net._pooling_after == {}
 
 
+def test_convolutions_keep_their_calls_while_their_arrays_stay(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row-shift convolution makes each worker's backend call once and keeps it
+    (Layer.kept_call) while its blobs and buffers are the same arrays: a second pass reuses
+    them, and a new batch size or a weight array put in the blob's place makes them again,
+    with the bits of a net built for those arrays."""
+    monkeypatch.setattr(Net, "FUSE_POOLING", True)
+    rng = np.random.default_rng(8)
+
+    def run(net: Net, n: int) -> list[bytes]:  # the same batch of n for every net
+        x = np.random.default_rng(n).normal(size=(n, 2, 16, 16))
+        net.forward(data=x, label=np.arange(n) % 3)
+        net.backward()
+        return [a.tobytes() for b in net.blobs.values() for a in (b.data, b.diff)]
+
+    net = Net(net_param(POOLED % "MAX"), "TRAIN", backend=_two_workers(), verbose=False, seed=5)
+    conv1 = net.layers[1]
+    first = run(net, 6)
+    kept = dict(conv1._calls)
+    assert {"forward0.0", "forward0.1", "backward0.0", "backward0.1"} <= set(kept)
+    assert run(net, 6) == first
+    assert all(conv1._calls[k] is v for k, v in kept.items())  # the same calls again
+    assert run(net, 4) == run(Net(net_param(POOLED % "MAX"), "TRAIN", backend=_two_workers(),
+                                  verbose=False, seed=5), 4)
+    assert conv1._calls["forward0.0"][2] is not kept["forward0.0"][2]
+    weights = rng.normal(size=conv1.blobs[0].shape)
+    fresh = Net(net_param(POOLED % "MAX"), "TRAIN", backend=_two_workers(), verbose=False,
+                seed=5)
+    fresh.layers[1].blobs[0].data[...] = weights
+    conv1.blobs[0].data = weights.copy()  # a new array in the blob's place
+    assert run(net, 4) == run(fresh, 4)
+
+
+def test_kept_calls_and_buffers() -> None:
+    """Layer.kept_call makes its call again when an array is another object (even an equal
+    one) or a value differs; Layer.buffer gives the same view for the same key and shape."""
+    from tests.helpers import make_layer
+
+    layer = make_layer("ReLU", "")
+    a, b = np.zeros(3), np.ones(2)
+    made: list[int] = []
+
+    def make() -> int:
+        made.append(1)
+        return len(made)
+
+    assert layer.kept_call("k", (a, b), (1,), make) == 1
+    assert layer.kept_call("k", (a, b), (1,), make) == 1
+    assert layer.kept_call("k", (a.copy(), b), (1,), make) == 2
+    assert layer.kept_call("k", (a, b), (2,), make) == 3
+    assert layer.kept_call("other", (a, b), (2,), make) == 4
+    view = layer.buffer("x", (2, 3))
+    assert layer.buffer("x", (2, 3)) is view
+    assert layer.buffer("x", (3, 2)) is not view
+    bigger = layer.buffer("x", (4, 4))
+    assert bigger.shape == (4, 4) and layer.buffer("x", (4, 4)) is bigger
+
+
 def test_backward_says_when_each_layer_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
     """backward(ready) calls ready(i) for every layer, last to first, once layer i's backward
     (if it has one) has run, also where a pooling runs inside its convolution."""
