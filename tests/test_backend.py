@@ -4,6 +4,9 @@ against NumPy) and its batch parallelism (parts equal the whole batch, the worke
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -1396,3 +1399,32 @@ def test_kernels_made_per_geometry_have_names_and_uuids_of_their_own() -> None:
     # with and without a bias, shared
     assert kernels._kernel("im2col_hwc", (3, 3, 2, 2, 1, 1, 1, 1)).py_func.__qualname__.endswith(
         "_im2col_hwc_3_3_2_2_1_1_1_1")
+
+
+_CACHE_PROBE = """
+import numpy as np
+from netforge.backend import blas, kernels
+x = np.ones((2, 1, 8, 8), np.float32)
+w, b = np.ones((3, 1, 3, 3), np.float32), np.zeros(3, np.float32)
+y, cols = np.empty((2, 3, 36), np.float32), np.empty((2, 3, 48), np.float32)
+best, arg = np.empty((2, 3, 3, 3), np.float32), np.empty((2, 3, 3, 3), np.int32)
+pool = (2, 2, 2, 2, 0, 0)
+kernels.conv_forward_shifted(blas.gemm_for(x.dtype), x, w, b, y, cols, (3, 3, 1, 1, 0, 0, 1, 1),
+                             6, 6, pool=(pool, best, arg))
+kernels.max_pool(y.reshape(2, 3, 6, 6), best, arg, pool)
+fused = kernels._kernel("conv_shifted_max", (3, 3, 1, 1, 0, 0, 1, 1, *pool))
+print(sum(fused.stats.cache_hits.values()),
+      sum(kernels._kernel("max", pool).stats.cache_hits.values()))
+"""
+
+
+@fused_available
+def test_kernels_load_from_numbas_cache_in_a_new_process(tmp_path: Path) -> None:
+    """A kernel whose closure calls a module-level compiled function (every MAX pooling, so
+    every convolution that pools) is found in numba's on-disk cache by the next process, not
+    compiled again in each one (the hash of its closure included those functions' uuids)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True,
+                           text=True, check=True, timeout=600).stdout.split()
+            for _ in range(2)]
+    assert runs == [["0", "0"], ["1", "1"]]  # compiled, then loaded

@@ -58,6 +58,35 @@ def test_train_then_test(workspace: Path, capsys: pytest.CaptureFixture[str]) ->
         assert needle in err
 
 
+def test_time_prints_caffes_per_layer_table(workspace: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`netforge time`: Caffe's per-layer average forward/backward table and totals, every
+    timed pass run layer by layer after as many untimed ones of the same kind (a pooling that
+    training makes inside its convolution is timed on its own, and its kernels are compiled or
+    loaded before the timing starts)."""
+    from netforge import timing
+
+    passes: list[int] = []
+    original = timing._timed_passes
+
+    def counted(net: object, iterations: int, *rest: object) -> None:
+        passes.append(iterations)
+        original(net, iterations, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(timing, "_timed_passes", counted)
+    code, err = run(capsys, "time", "--model", "models/lenet_train_test.prototxt",
+                    "--iterations", "3")
+    assert code == 0, err
+    assert passes == [1, 3]
+    for needle in ("*** Benchmark begins ***", "Testing for 3 iterations.", "Initial loss: ",
+                   "Iteration: 3 forward-backward time: ", "Average time per layer: ",
+                   "Average Forward pass: ", "Average Backward pass: ",
+                   "Average Forward-Backward: ", "Total Time: ", "*** Benchmark ends ***"):
+        assert needle in err
+    for layer in ("mnist", "conv1", "pool1", "conv2", "pool2", "ip1", "relu1", "ip2", "loss"):
+        assert f"{layer}\tforward: " in err and f"{layer}\tbackward: " in err
+
+
 def test_resume_and_fine_tune(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys, "train", "--solver", "solvers/lenet_solver.prototxt", *QUICK)[0] == 0
     code, err = run(capsys, "train", "--solver", "solvers/lenet_solver.prototxt", *QUICK,

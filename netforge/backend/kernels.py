@@ -1667,3 +1667,18 @@ def report_and_wait(flags: np.ndarray, report: int, done: int, index: int, value
     busy-wait while ``flags[index] == value`` for at most ``turns`` reads (about 1 ns each).
     True once it changed. ``flags`` is a contiguous int64 array."""
     return bool(_report_and_wait(flags, report, done, index, value, turns))
+
+
+# Module-level compiled functions that the kernels' factories' functions call (_padded_plane,
+# the work counters) are pickled with them when numba hashes a kernel's closure for its on-disk
+# cache, uuid included: with a uuid drawn anew in each process, every kernel whose closure holds
+# such a function (each MAX pooling, and so every convolution that pools) missed the cache and
+# was compiled again in every process (LeNet's first training step 1.6 s, each run adding
+# entries to the cache directory). A uuid made from the function's name is the same everywhere.
+if AVAILABLE:
+    for _name, _function in list(globals().items()):
+        if hasattr(_function, "py_func") and hasattr(_function, "_set_uuid"):
+            try:
+                _function._set_uuid(f"netforge.kernels.{_name}")
+            except AssertionError:  # named already
+                pass
