@@ -561,10 +561,10 @@ class Convolution(_ConvolutionBase):
         def run(slot: int, k: int) -> None:
             made = cols if cols is not None else self.buffer(f"col{i}.{slot}", (1, *shape))
             scratch = self.buffer(f"dcol.{slot}", (1, *shape))
+            # the chunks follow from the batch (x) and whether dx is made (dw's chunk count)
             self.kept_call(
                 f"backward{i}.{slot}", (x, t.diff, w, dw, db, dx, made, scratch, *pool_arrays),
-                (geometry, None if pool is None else pool[0], cols is None,
-                 tuple((c.start, c.stop) for c in chunks)),
+                (geometry, None if pool is None else pool[0], cols is None),
                 lambda: self.backend.conv_backward_shifted_call(
                     x, dy, w, dw, db, dx, made, geometry, cols is None, chunks, scratch,
                     pool))(claim)
