@@ -23,6 +23,25 @@ CASES = [  # n, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw
 ]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int32", "uint8"])
+@pytest.mark.parametrize("shape", [(), (0,), (3,), (5, 0, 2), (7, 13), (2, 3, 40, 41)])
+def test_backend_arrays_start_on_cache_lines(dtype: str, shape: tuple[int, ...]) -> None:
+    from netforge.backend.numpy_backend import ALIGNMENT, aligned_empty
+
+    for _ in range(8):  # new blocks each time, wherever malloc puts them
+        z, e = B.zeros(shape, dtype), B.empty(shape, dtype)
+        for a in (z, e, aligned_empty(shape, dtype, alignment=4096)):
+            assert a.shape == shape and a.dtype == np.dtype(dtype) and a.flags.c_contiguous
+            assert a.flags.writeable and not np.shares_memory(a, z if a is not z else e)
+        if z.size:  # (an empty array's address is NumPy's to pick)
+            assert z.ctypes.data % ALIGNMENT == 0 and e.ctypes.data % ALIGNMENT == 0
+        assert not z.any()
+        e[...] = 1  # the whole block is writable
+        assert e.sum() == e.size
+    assert B.zeros((4, 4)).dtype == np.float64  # the backend's dtype by default
+    assert aligned_empty(5, "float32", alignment=4096).ctypes.data % 4096 == 0
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_im2col_layouts_agree(case: tuple[int, ...]) -> None:
     n, c, h, w, *k = case

@@ -213,6 +213,26 @@ def early_solver(extra: str = "", workers: int = 2) -> Solver:
     return solver
 
 
+def test_a_solvers_arrays_start_on_cache_lines() -> None:
+    """Every array a training step works on (blobs, params, history, layer buffers, pooling's
+    argmax) starts on a 64-byte boundary, where NumPy's own large arrays start 16 bytes past
+    one (numpy_backend.ALIGNMENT)."""
+    solver = early_solver()
+    solver.step(2)
+    arrays = {f"blob {n}.{k}": getattr(b, k) for n, b in solver.net.blobs.items()
+              for k in ("data", "diff")}
+    arrays |= {f"history {i}": h for i, h in enumerate(solver.history)}
+    for name, layer in zip(solver.net.layer_names, solver.net.layers, strict=True):
+        arrays |= {f"{name} param {i}.{k}": getattr(b, k) for i, b in enumerate(layer.blobs)
+                   for k in ("data", "diff")}
+        arrays |= {f"{name} buffer {key}": a for key, a in vars(layer).get("_bufs", {}).items()}
+        if getattr(layer, "_argmax", None) is not None:
+            arrays[f"{name} argmax"] = layer._argmax
+    assert any("buffer" in k for k in arrays) and any("argmax" in k for k in arrays)
+    off = {k: a.ctypes.data % 64 for k, a in arrays.items() if a.size}
+    assert off == dict.fromkeys(off, 0)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sgd_updates_a_param_as_soon_as_its_gradient_is_final(
         monkeypatch: pytest.MonkeyPatch, workers: int) -> None:

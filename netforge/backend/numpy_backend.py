@@ -24,6 +24,32 @@ def _contiguous(*arrays: np.ndarray | None) -> bool:
     return all(a.flags.c_contiguous and a.dtype == given[0].dtype for a in given)
 
 
+# Where every array the backend makes starts: a multiple of a cache line. NumPy's own arrays
+# start 16 bytes into one (glibc's malloc puts a 16-byte header before the data of every block
+# it maps, which is every block from 128 KiB up: LeNet's activations, columns and gradients), so
+# every other 32-byte AVX load or store of the kernels and of OpenBLAS's edges spans two lines.
+# Measured on LeNet's train step (in one process, solvers built in the order A B B A, 16 rounds
+# of 15 steps): 8.08 -> 7.41 ms with every array from 128 KiB up on a cache line, 16 of 16
+# rounds; conv2's forward -0.17 ms and its backward -0.43.
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...] | int, dtype: Any, zeroed: bool = False,
+                  alignment: int | None = None) -> np.ndarray:
+    """A C-contiguous array whose first element starts on an ``alignment``-byte boundary
+    (ALIGNMENT by default), zero-filled with ``zeroed`` (lazily, as np.zeros is: the pages of
+    a large array are the kernel's zero pages until written)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    dtype = np.dtype(dtype)
+    align = ALIGNMENT if alignment is None else alignment
+    nbytes = dtype.itemsize
+    for d in shape:
+        nbytes *= d
+    raw = (np.zeros if zeroed else np.empty)(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 class NumpyBackend(Backend):
     """NumPy arrays; with numba installed (netforge[fast]) the column and pooling loops run
     as compiled kernels (``compiled=False`` forces the pure-NumPy paths). Layers split their
@@ -60,6 +86,13 @@ class NumpyBackend(Backend):
 
     def running(self) -> AbstractContextManager[None]:
         return self._pool.running()
+
+    # -- arrays: each starts on a cache line (see aligned_empty) ----------------------------------
+    def zeros(self, shape: tuple[int, ...], dtype: Any = None) -> np.ndarray:
+        return aligned_empty(shape, dtype or self.dtype, zeroed=True)
+
+    def empty(self, shape: tuple[int, ...], dtype: Any = None) -> np.ndarray:
+        return aligned_empty(shape, dtype or self.dtype)
 
     # Below this many elements a kernel launch costs more than NumPy's loops.
     compiled_min = 32768

@@ -831,7 +831,7 @@ class Pooling(Layer):
             return self._geometry(), top[0].data, None
         arg = getattr(self, "_argmax", None)
         if arg is None or arg.shape != top[0].shape:
-            arg = self.xp.empty(top[0].shape, dtype=self.xp.int32)
+            arg = self.backend.empty(top[0].shape, dtype=self.xp.int32)
         self._argmax = arg
         return self._geometry(), top[0].data, arg
 
@@ -865,7 +865,7 @@ class Pooling(Layer):
         elif self._compiled(x):
             arg = getattr(self, "_argmax", None)
             if arg is None or arg.shape != top[0].shape:
-                arg = self.xp.empty(top[0].shape, dtype=self.xp.int32)
+                arg = self.backend.empty(top[0].shape, dtype=self.xp.int32)
             self.backend.max_pool(x, top[0].data, arg, self._geometry())
             self._argmax = arg
         else:  # _argmax: window offset i·kw + j, -1 if empty
@@ -934,8 +934,8 @@ class Pooling(Layer):
                                                self._geometry())
             else:
                 if self._argmax is None:  # forward skipped it (TEST phase)
-                    best = self.xp.empty(dy.shape, dtype=x.dtype)
-                    self._argmax = self.xp.empty(dy.shape, dtype=self.xp.int32)
+                    best = self.backend.empty(dy.shape, dtype=x.dtype)
+                    self._argmax = self.backend.empty(dy.shape, dtype=self.xp.int32)
                     self.backend.max_pool(x, best, self._argmax, self._geometry())
                 self.backend.max_pool_backward(dy, self._argmax, bottom[0].diff,
                                                self._geometry())
