@@ -859,6 +859,15 @@ def test_compiled_relu_matches_numpy_bit_for_bit(dtype: str, slope: float) -> No
         grad = dy.copy()
         fast.relu_backward(inplace, grad, grad, slope)
         assert grad.tobytes() == dwant.tobytes()
+        # under compiled_min (LeNet's relu1: 64 x 500) the kernel runs on the caller alone
+        small, dsmall = x.reshape(-1)[:32000].reshape(64, 500), dy.reshape(-1)[:32000]
+        assert small.size < fast.compiled_min
+        a, b, da, db = small.copy(), np.empty_like(small), dsmall.copy(), np.empty_like(small)
+        fast.relu(a, a, slope)
+        slow.relu(small, b, slope)
+        fast.relu_backward(a, da.reshape(a.shape), da.reshape(a.shape), slope)
+        slow.relu_backward(small, dsmall.reshape(a.shape), db, slope)
+        assert a.tobytes() == b.tobytes() and da.tobytes() == db.tobytes()
     # shared work, played out one call after the other: the first call makes its own blocks,
     # then takes the second's from the back; the second finds none left
     from netforge.backend import kernels

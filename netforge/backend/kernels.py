@@ -1473,37 +1473,61 @@ def softmax_loss_backward(prob: np.ndarray, labels: np.ndarray, ignore: int | No
 # The same selects as the NumPy expressions in Backend.relu / relu_backward, so the same bits
 # (slope 0 keeps max(x, 0)'s +0.0 for negative inputs).
 
+#
+# An in-place ReLU (Caffe's usual form: top = bottom) passes the same array twice. LLVM
+# vectorizes these loops behind a run-time test that the arrays do not overlap, and runs them
+# one element at a time when they do: each block of an in-place call goes to a loop that is
+# given the one array for both, so the compiler sees no overlap to test (inlined, each call
+# site its own copy). One core, 3.3M float32 in place: 1.06 -> 0.20 ms forward, 1.84 -> 0.42
+# backward (0.45 and 0.72-0.83 ms with two arrays).
+
 if AVAILABLE:
+    @njit(nogil=True, cache=True, inline="always")
+    def _relu_block(x: Any, y: Any, slope: Any, lo: int, hi: int) -> None:
+        zero = x.dtype.type(0)
+        for i in range(lo, hi):
+            v = x[uintp(i)]
+            if slope:
+                y[uintp(i)] = v if v > zero else v * slope
+            else:  # max(v, 0): NaN stays NaN, -0.0 becomes +0.0
+                y[uintp(i)] = v if v > zero or v != v else zero
+
+    @njit(nogil=True, cache=True, inline="always")
+    def _relu_gradient_block(x: Any, dy: Any, dx: Any, slope: Any, lo: int, hi: int) -> None:
+        zero = x.dtype.type(0)
+        for i in range(lo, hi):
+            g = dy[uintp(i)]
+            dx[uintp(i)] = g if x[uintp(i)] > zero else g * slope
+
     @njit(nogil=True, cache=True)
     def _relu(x: Any, y: Any, slope: Any, block: int, claim: Any, flags: Any,
               post: int) -> None:
         _start_helpers(flags, post)
-        zero = x.dtype.type(0)
         own = _claim_part(claim)
         while True:
             b = _next_item(claim, own)
             if b < 0:
                 break
-            for i in range(b * block, min((b + 1) * block, x.size)):
-                v = x[uintp(i)]
-                if slope:
-                    y[uintp(i)] = v if v > zero else v * slope
-                else:  # max(v, 0): NaN stays NaN, -0.0 becomes +0.0
-                    y[uintp(i)] = v if v > zero or v != v else zero
+            lo, hi = b * block, min((b + 1) * block, x.size)
+            if x.ctypes.data == y.ctypes.data:  # in place: one array, no overlap to test
+                _relu_block(y, y, slope, lo, hi)
+            else:
+                _relu_block(x, y, slope, lo, hi)
 
     @njit(nogil=True, cache=True)
     def _relu_backward(x: Any, dy: Any, dx: Any, slope: Any, block: int, claim: Any,
                        flags: Any, post: int) -> None:
         _start_helpers(flags, post)
-        zero = x.dtype.type(0)
         own = _claim_part(claim)
         while True:
             b = _next_item(claim, own)
             if b < 0:
                 break
-            for i in range(b * block, min((b + 1) * block, x.size)):
-                g = dy[uintp(i)]
-                dx[uintp(i)] = g if x[uintp(i)] > zero else g * slope
+            lo, hi = b * block, min((b + 1) * block, x.size)
+            if dy.ctypes.data == dx.ctypes.data:
+                _relu_gradient_block(x, dx, dx, slope, lo, hi)
+            else:
+                _relu_gradient_block(x, dy, dx, slope, lo, hi)
 
 
 # ReLU's items of shared work: blocks of this many elements (64 KB of float32)
