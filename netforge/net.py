@@ -618,15 +618,19 @@ class Net:
             self.backward(ready)
         return self.loss
 
+    def param_users(self) -> list[list[int]]:
+        """For each learnable param, the indices of the layers that use it (owner and
+        sharers), in order."""
+        xp = self.backend.xp
+        return [[i for i, layer in enumerate(self.layers)
+                 if any(b is p.blob or xp.may_share_memory(b.diff, p.blob.diff)
+                        for b in layer.blobs)]
+                for p in self.learnable_params]
+
     def param_ready_at(self) -> list[int]:
         """For each learnable param, the index of the first layer that uses it (owner or
         sharer): its gradient is final once backward has passed that layer."""
-        first, xp = [], self.backend.xp
-        for p in self.learnable_params:
-            first.append(min(i for i, layer in enumerate(self.layers)
-                             if any(b is p.blob or xp.may_share_memory(b.diff, p.blob.diff)
-                                    for b in layer.blobs)))
-        return first
+        return [min(users) for users in self.param_users()]
 
     def clear_param_diffs(self) -> None:
         for p in self.learnable_params:

@@ -205,6 +205,8 @@ class Solver:
         self.last_test: list[dict[str, float]] = []
         self._scratch: list[Any] = []
         self._early: tuple[float, set[int]] | None = None  # step(): updates made in backward
+        self._offered: list[Any] = []  # layers given param_updates for this step's backward
+        self._only_user: dict[int, tuple[Any, int]] | None = None
         self._ready_at: dict[int, list[int]] | None = None
         self.early_stop = EarlyStop.from_param(sp, self.test_nets, self.source)
         for w in weights if weights is not None else list(sp.weights):
@@ -338,6 +340,7 @@ class Solver:
                 raise
             finally:
                 if ready is not None:  # nothing left waiting for a later job
+                    self._withdraw_updates()
                     self.backend.finish_later()
             loss /= sp.iter_size
             self._smooth(loss)
@@ -445,23 +448,63 @@ class Solver:
                 or "backward" in vars(self.net) or "forward_backward" in vars(self.net)):
             return None
         if self._ready_at is None:
-            self._ready_at = {}
-            for k, first in enumerate(self.net.param_ready_at()):
-                self._ready_at.setdefault(first, []).append(k)
+            self._ready_at, self._only_user = {}, {}
+            for k, users in enumerate(self.net.param_users()):
+                self._ready_at.setdefault(users[0], []).append(k)
+                layer = self.net.layers[users[0]]
+                if len(users) == 1 and self.params[k].blob in layer.blobs:
+                    self._only_user[k] = (layer, layer.blobs.index(self.params[k].blob))
         self._prepare_scratch()
         # apply_update takes the step (and logs a multistep advance) in Caffe's place in the log
         rate, _ = learning_rate(sp, self.iter, self.current_step, announce=False)
         done: set[int] = set()
         self._early = (rate, done)
+        made = self._offer_updates(rate)
 
         def ready(layer: int) -> None:
             for k in self._ready_at.get(layer, ()):  # type: ignore[union-attr]
                 p = self.params[k]
+                if made.get(k):  # the layer updated the param's rows in its backward
+                    if sum(made[k]) != p.blob.shape[0]:
+                        raise RuntimeError(f"layer '{p.layer}' updated {sum(made[k])} of the "
+                                           f"{p.blob.shape[0]} rows of param {p.index}")
+                    done.add(k)
+                    continue
                 args = (p.blob.data, p.blob.diff, self.history[k], sp.weight_decay * p.decay_mult,
                         rate * p.lr_mult, sp.momentum, self._scratch[k])
                 self.backend.later(lambda args=args: self.backend.sgd_update(*args))
                 done.add(k)
         return ready
+
+    def _offer_updates(self, rate: float) -> dict[int, list[int]]:
+        """Hand each layer the SGD update of the matrices that only it uses (Layer.
+        param_updates), to make a block of rows at a time inside its backward; returns, per
+        param, the row counts of the blocks made (filled in as backward goes)."""
+        sp, made = self.param, {}
+        offers: dict[Any, dict[int, Any]] = {}
+        for k, (layer, j) in self._only_user.items():  # type: ignore[union-attr]
+            p = self.params[k]
+            if p.blob.data.ndim < 2:
+                continue
+            rows_made = made[k] = []
+            args = (sp.weight_decay * p.decay_mult, rate * p.lr_mult, sp.momentum)
+
+            def update(rows: slice, k: int = k, p: Any = p, args: Any = args,
+                       rows_made: list[int] = rows_made) -> None:
+                self.backend.sgd_update(p.blob.data[rows], p.blob.diff[rows],
+                                        self.history[k][rows], *args, self._scratch[k][rows])
+                rows_made.append(rows.stop - rows.start)  # (atomic: workers call it at once)
+
+            offers.setdefault(layer, {})[j] = update
+        for layer, updates in offers.items():
+            layer.param_updates = updates
+        self._offered = list(offers)
+        return made
+
+    def _withdraw_updates(self) -> None:
+        for layer in self._offered:
+            layer.param_updates = {}
+        self._offered = []
 
     def _prepare_scratch(self) -> None:
         if len(self._scratch) != len(self.params):

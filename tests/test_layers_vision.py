@@ -466,6 +466,44 @@ def test_inner_product_values_and_axis() -> None:
     np.testing.assert_allclose(top[0].data, x.data @ w.T + b, rtol=1e-12)
 
 
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_inner_product_backward_by_rows_of_w(workers: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backward splits W's rows over the workers (3 outputs on 4 workers: one has none): the
+    bottom gradient is the sum of the workers' partials, and an update handed in through
+    param_updates is called once per worker's rows after their gradient is final (not for a W
+    under UPDATE_MIN, which it leaves to the solver)."""
+    from netforge.backend import NumpyBackend
+    from netforge.layers.inner_product import InnerProduct
+
+    backend = NumpyBackend("float64", workers=workers)
+    backend.parallel_min = 0
+    x, layer = blob((6, 2, 5)), make_layer("InnerProduct", f"inner_product_param {{ "
+                                                           f"num_output: 3 {FILLERS} }}")
+    layer.backend = backend
+    top = tops(1)
+    run_forward(layer, [x], top)
+    top[0].diff[...] = np.random.default_rng(5).normal(size=top[0].shape)
+    w, dy, xs = layer.blobs[0].data.copy(), top[0].diff, x.data.reshape(6, -1)
+    seen: list[tuple[slice, np.ndarray]] = []
+    for minimum, calls in ((0, min(workers, 3)), (10**6, 0)):
+        monkeypatch.setattr(InnerProduct, "UPDATE_MIN", minimum)
+        for b in layer.blobs:
+            b.diff[...] = 0
+        seen.clear()
+        layer.param_updates = {
+            0: lambda rows: seen.append((rows, layer.blobs[0].diff[rows].copy()))}
+        x.diff[...] = np.nan
+        layer.backward(top, [True], [x])
+        np.testing.assert_allclose(x.diff.reshape(6, -1), dy @ w, rtol=1e-12)
+        np.testing.assert_allclose(layer.blobs[0].diff, dy.T @ xs, rtol=1e-12)
+        np.testing.assert_allclose(layer.blobs[1].diff, dy.sum(axis=0), rtol=1e-12)
+        assert len(seen) == calls
+        assert sum(r.stop - r.start for r, _ in seen) == (3 if calls else 0)
+        for rows, grad in seen:  # the rows' gradient was final when their update came
+            np.testing.assert_allclose(grad, (dy.T @ xs)[rows], rtol=1e-12)
+
+
 def test_inner_product_bad_config() -> None:
     with pytest.raises(LayerError, match="axis 4 is out of range"):
         run_forward(make_layer("InnerProduct", "inner_product_param { num_output: 2 axis: 4 }"),

@@ -238,7 +238,11 @@ def test_sgd_updates_a_param_as_soon_as_its_gradient_is_final(
         monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
     """step() hands SGD's update of each param to the backend once backward has passed the
     first layer that uses it (a shared weight: the first of its two layers), so it runs beside
-    the next layer's backward: the same bits as updating every param after backward."""
+    the next layer's backward, or to an InnerProduct layer that alone uses a weight matrix, to
+    update a block of rows at a time: the same bits as updating every param after backward."""
+    from netforge.layers.inner_product import InnerProduct
+
+    monkeypatch.setattr(InnerProduct, "UPDATE_MIN", 0)  # ip_out's 5 x 64 weights as well
     runs = []
     for early in (False, True):
         monkeypatch.setattr(Solver, "EARLY_UPDATE", early)
@@ -252,7 +256,13 @@ def test_sgd_updates_a_param_as_soon_as_its_gradient_is_final(
 
         monkeypatch.setattr(solver.backend, "later", counted)
         solver.step(5)
-        assert len(later) == (5 * len(solver.params) if early else 0)
+        # ip_out's weights (a matrix only ip_out uses) are updated by ip_out itself, a block of
+        # rows at a time inside its backward (Layer.param_updates); the rest beside backward
+        fused = solver.net.params["ip_out"][0].data
+        handed = [task.__defaults__[0][0] for task in later]
+        assert len(later) == (5 * (len(solver.params) - 1) if early else 0)
+        assert not any(a is fused for a in handed)
+        assert all(not layer.param_updates for layer in solver.net.layers)  # withdrawn
         runs.append([a.tobytes() for p, h in zip(solver.params, solver.history, strict=True)
                      for a in (p.blob.data, p.blob.diff, h)])
     assert runs[0] == runs[1]

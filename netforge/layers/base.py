@@ -89,6 +89,11 @@ class Layer(ABC):
         self.xp: Any = ctx.backend.xp
         self.phase = param.phase if param.HasField("phase") else ctx.phase
         self.blobs: list[Blob] = []
+        # Set by the solver for one backward pass: blob index -> update(rows), the solver's
+        # update of those rows of a param that only this layer uses, which the layer may
+        # call for each block of rows once their gradient is final, while the block is in
+        # cache (InnerProduct). A layer that does not call it leaves the update to the solver.
+        self.param_updates: dict[int, Callable[[slice], None]] = {}
 
     # -- the life cycle ---------------------------------------------------------------------------
     def setup(self, bottom: Sequence[Blob], top: Sequence[Blob]) -> None:  # noqa: B027

@@ -870,7 +870,7 @@ class Pooling(Layer):
             self._argmax = arg
         else:  # _argmax: window offset i·kw + j, -1 if empty
             y = top[0].data
-            arg = self.xp.empty(y.shape, dtype=self.xp.int32)
+            arg = self.backend.empty(y.shape, dtype=self.xp.int32)
 
             def run(part: slice) -> None:
                 y[part], arg[part] = self._max(x[part])
