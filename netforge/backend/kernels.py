@@ -1472,7 +1472,6 @@ def softmax_loss_backward(prob: np.ndarray, labels: np.ndarray, ignore: int | No
 # -- ReLU ------------------------------------------------------------------------------------
 # The same selects as the NumPy expressions in Backend.relu / relu_backward, so the same bits
 # (slope 0 keeps max(x, 0)'s +0.0 for negative inputs).
-
 #
 # An in-place ReLU (Caffe's usual form: top = bottom) passes the same array twice. LLVM
 # vectorizes these loops behind a run-time test that the arrays do not overlap, and runs them

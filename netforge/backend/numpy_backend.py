@@ -28,9 +28,10 @@ def _contiguous(*arrays: np.ndarray | None) -> bool:
 # start 16 bytes into one (glibc's malloc puts a 16-byte header before the data of every block
 # it maps, which is every block from 128 KiB up: LeNet's activations, columns and gradients), so
 # every other 32-byte AVX load or store of the kernels and of OpenBLAS's edges spans two lines.
-# Measured on LeNet's train step (in one process, solvers built in the order A B B A, 16 rounds
-# of 15 steps): 8.08 -> 7.41 ms with every array from 128 KiB up on a cache line, 16 of 16
-# rounds; conv2's forward -0.17 ms and its backward -0.43.
+# Where malloc's blocks land depends on what the process did before; the first solver of a
+# process had every large array 16 bytes off. LeNet's train step, in one process, solvers
+# built old, new, new, old (16 rounds of 15 steps): 8.45 -> 7.82 ms, 16 of 16 rounds (conv2's
+# forward -0.16 ms, its backward -0.39).
 ALIGNMENT = 64
 
 

@@ -129,7 +129,7 @@ class InnerProduct(Layer):
     # still in the core's cache: each worker reads only its half of W, and the update no
     # longer reads W, its gradient and its momentum back from memory beside the next layer's
     # backward. In-process A/B, LeNet's step in a slow spell of the VM: 7.37 -> 6.62 ms (16 of
-    # 16 rounds: ip1's backward +0.13 ms, conv2's −0.84); in a calm one the same (5.49 ms).
+    # 16 rounds: ip1's backward +0.13 ms, conv2's -0.84); in a calm one 5.83 -> 5.73 (15 of 16).
     # Blocks of 64 rows (a block of W, its gradient and momentum in the core's L2) measured
     # slower: +0.16 ms, the products and the update called four times as often.
     UPDATE_MIN = 1 << 16
