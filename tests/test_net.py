@@ -610,6 +610,27 @@ def test_convolutions_keep_their_calls_while_their_arrays_stay(
     assert run(net, 4) == run(fresh, 4)
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_columns_kept_or_made_again_give_the_same_bits(monkeypatch: pytest.MonkeyPatch,
+                                                       fuse: bool) -> None:
+    """A TRAIN forward on the shared row-shift path keeps its columns for backward only where
+    an output has more than Convolution.KEEP_INPUTS_MIN inputs (C·kh·kw; POOLED's: 50 and 36);
+    columns made again in backward give the same bits."""
+    from netforge.layers.vision import Convolution
+
+    if not _two_workers().shares_work(np.zeros(1 << 16)):
+        pytest.skip("needs numba's shared row-shift path")
+    runs = {}
+    for minimum in (0, 64):
+        monkeypatch.setattr(Convolution, "KEEP_INPUTS_MIN", minimum)
+        net, _, bits = _pooled_run(monkeypatch, fuse)
+        net.forward()
+        kept = [bool(net.layers[net.layer_by_name[n]]._kept) for n in ("conv1", "conv2")]
+        assert kept == [minimum < 36] * 2
+        runs[minimum] = bits
+    assert runs[0] == runs[64]
+
+
 def test_kept_calls_and_buffers() -> None:
     """Layer.kept_call makes its call again when an array is another object (even an equal
     one) or a value differs; Layer.buffer gives the same view for the same key and shape."""

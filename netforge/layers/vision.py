@@ -478,6 +478,7 @@ class Convolution(_ConvolutionBase):
             # kept for backward
             keep = len(parts) <= self.backend.workers and self.phase == PHASE_TRAIN
             if layout == "shifted" and self._shares(x, y):
+                keep = keep and self._keeps_shared()
                 cols = self._forward_shared(x, y, i, keep)
                 if keep:
                     self._kept[i] = cols
@@ -518,6 +519,18 @@ class Convolution(_ConvolutionBase):
     def _shares(self, x: Any, y: Any) -> bool:
         return (self.backend.shares_work(y)
                 and len(self.backend.batch_parts(x.shape[0], self._cost(x))) > 1)
+
+    # The shared row-shift path keeps a TRAIN forward's columns for backward unless each output
+    # has at most KEEP_INPUTS_MIN inputs (C·kh·kw; LeNet's conv1: 25). Such columns are a few
+    # copied rows of each image, cheaper to make again in backward than to write out (LeNet's
+    # conv1: 860 KB) and read back. In-process A/B, LeNet in a slow spell of the VM: conv1 +
+    # pool1 forward -0.10 ms, backward +0.01, the step -0.12 and -0.10 ms (16 of 16 rounds
+    # each); conv2's columns (500 inputs) made again instead: +0.06 ms.
+    KEEP_INPUTS_MIN = 32
+
+    def _keeps_shared(self) -> bool:
+        kh, kw = self.geom.kernel
+        return self.conv_in // self.group * kh * kw > self.KEEP_INPUTS_MIN
 
     def _forward_shared(self, x: Any, y: Any, i: int, keep: bool, pool: Any = None) -> Any:
         """y = W ⋆ x + b, the images shared out (and MAX-pooled, with ``pool``: see
@@ -593,7 +606,8 @@ class Convolution(_ConvolutionBase):
         if spec is None:
             return False
         x = bottom[0].data
-        keep = len(self._parts(x)) <= self.backend.workers and self.phase == PHASE_TRAIN
+        keep = (len(self._parts(x)) <= self.backend.workers and self.phase == PHASE_TRAIN
+                and self._keeps_shared())
         cols = self._forward_shared(x, top[0].data, 0, keep, spec)
         self._kept = {0: cols} if keep else {}
         return True
