@@ -206,6 +206,7 @@ class Solver:
         self._scratch: list[Any] = []
         self._early: tuple[float, set[int]] | None = None  # step(): updates made in backward
         self._offered: list[Any] = []  # layers given param_updates for this step's backward
+        # params only one layer uses, which it updates in its backward (Layer.takes_param_update)
         self._only_user: dict[int, tuple[Any, int]] | None = None
         self._ready_at: dict[int, list[int]] | None = None
         self.early_stop = EarlyStop.from_param(sp, self.test_nets, self.source)
@@ -451,9 +452,10 @@ class Solver:
             self._ready_at, self._only_user = {}, {}
             for k, users in enumerate(self.net.param_users()):
                 self._ready_at.setdefault(users[0], []).append(k)
-                layer = self.net.layers[users[0]]
-                if len(users) == 1 and self.params[k].blob in layer.blobs:
-                    self._only_user[k] = (layer, layer.blobs.index(self.params[k].blob))
+                layer, blob = self.net.layers[users[0]], self.params[k].blob
+                if (len(users) == 1 and blob in layer.blobs
+                        and layer.takes_param_update(layer.blobs.index(blob))):
+                    self._only_user[k] = (layer, layer.blobs.index(blob))
         self._prepare_scratch()
         # apply_update takes the step (and logs a multistep advance) in Caffe's place in the log
         rate, _ = learning_rate(sp, self.iter, self.current_step, announce=False)
@@ -477,15 +479,13 @@ class Solver:
         return ready
 
     def _offer_updates(self, rate: float) -> dict[int, list[int]]:
-        """Hand each layer the SGD update of the matrices that only it uses (Layer.
-        param_updates), to make a block of rows at a time inside its backward; returns, per
-        param, the row counts of the blocks made (filled in as backward goes)."""
+        """Hand each layer the SGD update of the params that only it uses and that it takes
+        (Layer.param_updates), to make a block of rows at a time inside its backward;
+        returns, per param, the row counts of the blocks made (filled in as backward goes)."""
         sp, made = self.param, {}
         offers: dict[Any, dict[int, Any]] = {}
         for k, (layer, j) in self._only_user.items():  # type: ignore[union-attr]
             p = self.params[k]
-            if p.blob.data.ndim < 2:
-                continue
             rows_made = made[k] = []
             args = (sp.weight_decay * p.decay_mult, rate * p.lr_mult, sp.momentum)
 

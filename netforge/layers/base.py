@@ -90,9 +90,10 @@ class Layer(ABC):
         self.phase = param.phase if param.HasField("phase") else ctx.phase
         self.blobs: list[Blob] = []
         # Set by the solver for one backward pass: blob index -> update(rows), the solver's
-        # update of those rows of a param that only this layer uses, which the layer may
-        # call for each block of rows once their gradient is final, while the block is in
-        # cache (InnerProduct). A layer that does not call it leaves the update to the solver.
+        # update of those rows of a param that only this layer uses and that the layer takes
+        # (takes_param_update), which the layer calls for each block of rows once their
+        # gradient is final, while the block is in cache. A layer that does not call it (a
+        # batch it cannot split by rows) leaves the update to the solver.
         self.param_updates: dict[int, Callable[[slice], None]] = {}
 
     # -- the life cycle ---------------------------------------------------------------------------
@@ -111,6 +112,11 @@ class Layer(ABC):
                  bottom: Sequence[Blob]) -> None:
         if any(propagate_down):
             raise LayerError(f"{self.type} layers have no backward")
+
+    def takes_param_update(self, index: int) -> bool:
+        """Whether this layer makes the solver's update of its blob ``index`` inside its
+        backward, given in param_updates (InnerProduct's large weight matrices)."""
+        return False
 
     def allow_force_backward(self, bottom_index: int) -> bool:
         return not (self.is_loss and bottom_index == 1)
