@@ -80,10 +80,18 @@ def _kernel(kind: str, geometry: tuple[int, ...]) -> Any:
 # too: numba names a function's machine code by qualified name and a per-process counter, so a
 # kernel loaded from the cache could otherwise link to another geometry's helper compiled in
 # this process under the same name (seen: wrong outputs, then a corrupted heap).
-def _stable_uuids(kernel: Any, name: str) -> None:
+def _set_uuid_once(function: Any, name: str) -> bool:
+    """Give a compiled function the uuid ``name``; False where it has one already (made by
+    _kernel) or this numba has no such call."""
     try:
-        kernel._set_uuid(name)
-    except (AssertionError, AttributeError):  # named already (made by _kernel), or another numba
+        function._set_uuid(name)
+    except (AssertionError, AttributeError):
+        return False
+    return True
+
+
+def _stable_uuids(kernel: Any, name: str) -> None:
+    if not _set_uuid_once(kernel, name):
         return
     kernel.py_func.__qualname__ += "_" + re.sub(r"\W", "_", name.split(":", 1)[-1])
     for cell in kernel.py_func.__closure__ or ():
@@ -1700,8 +1708,5 @@ def report_and_wait(flags: np.ndarray, report: int, done: int, index: int, value
 # entries to the cache directory). A uuid made from the function's name is the same everywhere.
 if AVAILABLE:
     for _name, _function in list(globals().items()):
-        if hasattr(_function, "py_func") and hasattr(_function, "_set_uuid"):
-            try:
-                _function._set_uuid(f"netforge.kernels.{_name}")
-            except AssertionError:  # named already
-                pass
+        if hasattr(_function, "py_func"):
+            _set_uuid_once(_function, f"netforge.kernels.{_name}")
